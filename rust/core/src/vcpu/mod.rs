@@ -1,0 +1,136 @@
+//! The vCPU: its architectural state, its mmap area and its ioctls.
+
+#[path = "sregs_tmp.rs"]
+pub mod sregs;
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::errno::{Errno, Result};
+use crate::hostmem::SharedMapping;
+use crate::uaccess::{read_struct, write_struct, UserAccess};
+use crate::uapi::{self, kvm_regs, kvm_sregs};
+use crate::vm::Vm;
+
+pub use sregs::CpuFeatures;
+
+/// KVM_GET_VCPU_MMAP_SIZE: kvm_run page, PIO data page, coalesced-MMIO ring page.
+pub const VCPU_MMAP_SIZE: usize = 3 * uapi::PAGE_SIZE as usize;
+/// KVM_PIO_PAGE_OFFSET: the PIO data page, in pages from the start of the area.
+pub const KVM_PIO_PAGE_OFFSET: usize = 1;
+
+/// Architectural state of one vCPU.
+#[derive(Clone, Debug)]
+pub struct VcpuState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub features: CpuFeatures,
+}
+
+impl VcpuState {
+    pub fn reset() -> Self {
+        VcpuState {
+            regs: sregs::reset_regs(),
+            sregs: sregs::reset_sregs(),
+            features: CpuFeatures::default(),
+        }
+    }
+}
+
+/// One vCPU of a VM.
+pub struct Vcpu {
+    pub id: u32,
+    vm: Arc<Vm>,
+    state: Mutex<VcpuState>,
+    /// The mmap area (kvm_run at offset 0), shared with userspace through `memfd`.
+    run: SharedMapping,
+    memfd: OwnedFd,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Vcpu({})", self.id)
+    }
+}
+
+impl Vcpu {
+    /// Create the vCPU and its mmap area, backed by a memfd that userspace can map.
+    pub fn new(vm: Arc<Vm>, id: u32) -> Result<Arc<Vcpu>> {
+        let name = format!("kvmmmu-vcpu:{id}");
+        let memfd = nix::sys::memfd::memfd_create(
+            std::ffi::CString::new(name).map_err(|_| Errno::EINVAL)?.as_c_str(),
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .map_err(Errno::from)?;
+        nix::unistd::ftruncate(&memfd, VCPU_MMAP_SIZE as i64).map_err(Errno::from)?;
+        let run = SharedMapping::new(memfd.as_fd(), VCPU_MMAP_SIZE)?;
+        Ok(Arc::new(Vcpu { id, vm, state: Mutex::new(VcpuState::reset()), run, memfd }))
+    }
+
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    /// The memfd behind the mmap area (the vCPU "file").
+    pub fn memfd(&self) -> &OwnedFd {
+        &self.memfd
+    }
+
+    pub fn run_area(&self) -> &SharedMapping {
+        &self.run
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, VcpuState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get_regs(&self) -> kvm_regs {
+        self.state().regs
+    }
+
+    pub fn set_regs(&self, regs: &kvm_regs) -> Result<()> {
+        let mut st = self.state();
+        sregs::apply_regs(&mut st.regs, regs);
+        Ok(())
+    }
+
+    pub fn get_sregs(&self) -> kvm_sregs {
+        self.state().sregs
+    }
+
+    pub fn set_sregs(&self, new: &kvm_sregs) -> Result<()> {
+        let mut st = self.state();
+        let features = st.features;
+        sregs::check_sregs(&features, new)?;
+        sregs::apply_sregs(&features, &mut st.sregs, new);
+        Ok(())
+    }
+
+    /// vCPU ioctl dispatch (kvm_vcpu_ioctl + kvm_arch_vcpu_ioctl).
+    pub fn ioctl(&self, request: u64, arg: u64, ua: &mut dyn UserAccess) -> Result<i64> {
+        match request {
+            uapi::KVM_GET_REGS => {
+                let regs = self.get_regs();
+                write_struct(ua, arg, &regs)?;
+                Ok(0)
+            }
+            uapi::KVM_SET_REGS => {
+                let regs: kvm_regs = read_struct(ua, arg)?;
+                self.set_regs(&regs)?;
+                Ok(0)
+            }
+            uapi::KVM_GET_SREGS => {
+                let s = self.get_sregs();
+                write_struct(ua, arg, &s)?;
+                Ok(0)
+            }
+            uapi::KVM_SET_SREGS => {
+                let s: kvm_sregs = read_struct(ua, arg)?;
+                self.set_sregs(&s)?;
+                Ok(0)
+            }
+            // kvm_arch_vcpu_ioctl's default.
+            _ => Err(Errno::EINVAL),
+        }
+    }
+}

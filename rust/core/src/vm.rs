@@ -1,0 +1,108 @@
+//! The VM: memory slots, vCPUs, and the VM ioctls.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use crate::errno::{Errno, Result};
+use crate::hostmem::HostRegion;
+use crate::memslot::{Change, MemSlots, RegionIoctl};
+use crate::uaccess::{read_struct, UserAccess};
+use crate::uapi::{self, kvm_userspace_memory_region, kvm_userspace_memory_region2};
+use crate::vcpu::Vcpu;
+
+/// KVM_MAX_VCPU_IDS on x86 (KVM_CAP_MAX_VCPU_ID).
+pub const KVM_MAX_VCPU_IDS: u64 = 4096;
+/// KVM_MAX_VCPUS on x86 (KVM_CAP_MAX_VCPUS).
+pub const KVM_MAX_VCPUS: usize = 1024;
+
+/// VM-wide state behind the VM lock (kvm->slots_lock and friends in one).
+#[derive(Debug, Default)]
+pub struct VmState {
+    pub memslots: MemSlots,
+    pub vcpus: BTreeMap<u32, Arc<Vcpu>>,
+}
+
+pub struct Vm {
+    state: Mutex<VmState>,
+    self_ref: Weak<Vm>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("state", &*self.state()).finish()
+    }
+}
+
+impl Vm {
+    /// KVM_CREATE_VM: only the default VM type (0) exists.
+    pub fn new(vm_type: u64) -> Result<Arc<Vm>> {
+        if vm_type != 0 {
+            return Err(Errno::EINVAL);
+        }
+        Ok(Arc::new_cyclic(|w| Vm { state: Mutex::new(VmState::default()), self_ref: w.clone() }))
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, VmState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn arc(&self) -> Arc<Vm> {
+        self.self_ref.upgrade().expect("a Vm is only reachable through an Arc")
+    }
+
+    /// KVM_SET_USER_MEMORY_REGION(2) with the simulator's host-memory rule.
+    pub fn set_user_memory_region(
+        &self,
+        mem: &kvm_userspace_memory_region2,
+        ioctl: RegionIoctl,
+    ) -> Result<Change> {
+        self.state().memslots.set_region(mem, ioctl, |hva, len| {
+            HostRegion::lookup(hva, len).ok_or(Errno::EFAULT)
+        })
+    }
+
+    /// KVM_CREATE_VCPU.
+    pub fn create_vcpu(&self, id: u64) -> Result<Arc<Vcpu>> {
+        if id >= KVM_MAX_VCPU_IDS {
+            return Err(Errno::EINVAL);
+        }
+        let id = id as u32;
+        let mut st = self.state();
+        if st.vcpus.len() >= KVM_MAX_VCPUS {
+            return Err(Errno::EINVAL);
+        }
+        if st.vcpus.contains_key(&id) {
+            return Err(Errno::EEXIST);
+        }
+        let vcpu = Vcpu::new(self.arc(), id)?;
+        st.vcpus.insert(id, vcpu.clone());
+        Ok(vcpu)
+    }
+
+    /// VM ioctls that need no new file descriptor (kvm_vm_ioctl + kvm_arch_vm_ioctl).
+    pub fn ioctl(&self, request: u64, arg: u64, ua: &mut dyn UserAccess) -> Result<i64> {
+        match request {
+            uapi::KVM_CHECK_EXTENSION => Ok(crate::kvm::check_extension(arg)),
+            uapi::KVM_SET_USER_MEMORY_REGION => {
+                let r: kvm_userspace_memory_region = read_struct(ua, arg)?;
+                let r2 = kvm_userspace_memory_region2 {
+                    slot: r.slot,
+                    flags: r.flags,
+                    guest_phys_addr: r.guest_phys_addr,
+                    memory_size: r.memory_size,
+                    userspace_addr: r.userspace_addr,
+                    ..Default::default()
+                };
+                self.set_user_memory_region(&r2, RegionIoctl::V1)?;
+                Ok(0)
+            }
+            uapi::KVM_SET_USER_MEMORY_REGION2 => {
+                let r2: kvm_userspace_memory_region2 = read_struct(ua, arg)?;
+                self.set_user_memory_region(&r2, RegionIoctl::V2)?;
+                Ok(0)
+            }
+            // kvm_arch_vm_ioctl's default.
+            _ => Err(Errno::ENOTTY),
+        }
+    }
+}
