@@ -1,0 +1,38 @@
+"""kvmmmu: a faithful, fast, inspectable model of the x86 KVM MMU.
+
+``kvmmmu.Kvm()`` is a software /dev/kvm (the simulator); ``kvmmmu.Kvm("/dev/kvm")``
+is the machine's real KVM. Both speak the same ioctl API.
+"""
+
+from . import uapi
+from ._core import GuestMemory, SimKvm, __version__
+from .api import Kvm, Vcpu, Vm
+from .transport import DevTransport, SimTransport, Transport, device_available
+from .uapi import (
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    kvm_regs,
+    kvm_segment,
+    kvm_sregs,
+    kvm_userspace_memory_region,
+)
+
+__all__ = [
+    "KVM_MEM_LOG_DIRTY_PAGES",
+    "KVM_MEM_READONLY",
+    "DevTransport",
+    "GuestMemory",
+    "Kvm",
+    "SimKvm",
+    "SimTransport",
+    "Transport",
+    "Vcpu",
+    "Vm",
+    "__version__",
+    "device_available",
+    "kvm_regs",
+    "kvm_segment",
+    "kvm_sregs",
+    "kvm_userspace_memory_region",
+    "uapi",
+]
