@@ -1,0 +1,359 @@
+"""The shared case table: bad and edge inputs, with the kernel's answer.
+
+Each case runs on a fresh VM (and, when it needs one, a fresh vCPU) of one
+backend. Its outcome is ``(errno, value)``: the errno of the failing call
+(0 when every call succeeded) and, for cases that read state back, that value.
+``expect`` is what the real /dev/kvm on these machines gives (see
+reference/real-kvm-here.md, section 6, and docs/device-sregs.md); a case the
+simulator deliberately answers differently carries ``sim_expect`` and the
+reason in ``why``.
+"""
+
+from __future__ import annotations
+
+import errno as E
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import uapi
+from .._core import GuestMemory
+from ..api import Kvm, Vcpu, Vm
+
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+
+
+class Env:
+    """A fresh VM on one backend, with guest memory and a lazily made vCPU."""
+
+    def __init__(self, kvm: Kvm) -> None:
+        self.kvm = kvm
+        self.vm: Vm = kvm.create_vm()
+        self.mem = GuestMemory(64 * MiB)
+        self._vcpu: Vcpu | None = None
+        self._extra: list[Any] = []
+
+    @property
+    def vcpu(self) -> Vcpu:
+        if self._vcpu is None:
+            self._vcpu = self.vm.create_vcpu(0)
+        return self._vcpu
+
+    def memory(self, size: int) -> GuestMemory:
+        m = GuestMemory(size)
+        self._extra.append(m)
+        return m
+
+    def slot(self, slot: int, gpa: int, size: int, offset: int = 0, flags: int = 0) -> None:
+        """SET_USER_MEMORY_REGION over this env's memory at ``offset``."""
+        self.vm.set_user_memory_region(slot, gpa, size, self.mem.address + offset, flags)
+
+    def raw_slot(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> None:
+        self.vm.set_user_memory_region(slot, gpa, size, hva, flags)
+
+    def close(self) -> None:
+        if self._vcpu is not None:
+            self._vcpu.close()
+        self.vm.close()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    errno: int
+    value: Any = None
+
+    def __str__(self) -> str:
+        name = E.errorcode.get(self.errno, str(self.errno)) if self.errno else "ok"
+        return name if self.value is None else f"{name} -> {self.value!r}"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    run: Callable[[Env], Any] = field(repr=False)
+    expect: Outcome
+    sim_expect: Outcome | None = None
+    why: str = ""
+
+    def expected(self, backend: str) -> Outcome:
+        if backend == "sim" and self.sim_expect is not None:
+            return self.sim_expect
+        return self.expect
+
+
+def run_case(kvm: Kvm, case: Case) -> Outcome:
+    env = Env(kvm)
+    try:
+        value = case.run(env)
+        return Outcome(0, value)
+    except OSError as e:
+        return Outcome(e.errno or -1)
+    finally:
+        env.close()
+
+
+def compare(sim: Kvm, dev: Kvm, cases: Iterable[Case] = ()) -> list[tuple[Case, Outcome, Outcome]]:
+    """Run cases on both backends; return those whose outcomes differ."""
+    out = []
+    for case in cases or CASES:
+        a, b = run_case(sim, case), run_case(dev, case)
+        if a != b:
+            out.append((case, a, b))
+    return out
+
+
+OK = Outcome(0)
+
+
+def errno_(e: int) -> Outcome:
+    return Outcome(e)
+
+
+def value(v: Any) -> Outcome:
+    return Outcome(0, v)
+
+
+# ---- memory slots (api.txt 4.34; real-kvm-here.md section 6) ----
+
+
+def _twice(env: Env, *args: Any) -> None:
+    env.slot(*args)
+    env.slot(*args)
+
+
+def _create_then(first: tuple[Any, ...], then: Callable[[Env], Any]) -> Callable[[Env], Any]:
+    def run(env: Env) -> Any:
+        env.slot(*first)
+        return then(env)
+
+    return run
+
+
+def _region_ptr(ptr: int) -> Callable[[Env], Any]:
+    return lambda env: env.vm.ioctl(uapi.KVM_SET_USER_MEMORY_REGION, ptr)
+
+
+def _region2(**kw: Any) -> Callable[[Env], Any]:
+    def run(env: Env) -> Any:
+        r = uapi.kvm_userspace_memory_region2(
+            slot=0,
+            guest_phys_addr=0,
+            memory_size=MiB,
+            userspace_addr=env.mem.address,
+            **kw,
+        )
+        env.vm.ioctl(uapi.KVM_SET_USER_MEMORY_REGION2, r)
+
+    return run
+
+
+def _slots_after(env: Env) -> list[tuple[int, int, int]]:
+    return sorted((s, r.guest_phys_addr, r.memory_size) for s, r in env.vm.slots.items())
+
+
+def _huge_slot(env: Env) -> None:
+    m = env.memory(16 * TiB)
+    env.raw_slot(0, 0, 16 * TiB, m.address)
+
+
+def _move_onto(env: Env) -> None:
+    env.slot(0, 0, MiB)
+    env.slot(1, 4 * MiB, MiB, MiB)
+    env.slot(1, MiB // 2, MiB, MiB)
+
+
+def _delete_recreate(env: Env) -> None:
+    env.slot(0, 0, MiB)
+    env.slot(0, 0, 0)
+    env.slot(0, 0, MiB, MiB)
+
+
+def _toggle_logging(env: Env) -> None:
+    env.slot(0, 0, MiB)
+    env.slot(0, 0, MiB, 0, uapi.KVM_MEM_LOG_DIRTY_PAGES)
+    env.slot(0, 0, MiB, 0, 0)
+
+
+def _many_slots(env: Env) -> int:
+    for i in range(512):
+        env.slot(i, i * 2 * 4096, 4096, 4096 * i)
+    return len(env.vm.slots)
+
+
+MEMSLOT_CASES = [
+    Case("slot create", lambda env: env.slot(0, 0, MiB), OK),
+    Case("slot identical re-set", lambda env: _twice(env, 0, 0, MiB), OK),
+    Case(
+        "slot overlap partial",
+        _create_then((0, 0, 2 * MiB), lambda env: env.slot(1, MiB, 2 * MiB, 2 * MiB)),
+        errno_(E.EEXIST),
+    ),
+    Case(
+        "slot overlap identical range",
+        _create_then((0, 0, MiB), lambda env: env.slot(1, 0, MiB, MiB)),
+        errno_(E.EEXIST),
+    ),
+    Case(
+        "slot overlap contained",
+        _create_then((0, 0, 4 * MiB), lambda env: env.slot(1, MiB, 4096, 8 * MiB)),
+        errno_(E.EEXIST),
+    ),
+    Case(
+        "slot adjacent",
+        _create_then((0, 0, MiB), lambda env: env.slot(1, MiB, MiB, MiB)),
+        OK,
+    ),
+    Case(
+        "slot same hva in two slots",
+        _create_then((0, 0, MiB), lambda env: env.slot(1, 8 * MiB, MiB, 0)),
+        OK,
+    ),
+    Case("slot unaligned gpa", lambda env: env.slot(0, 0x800, MiB), errno_(E.EINVAL)),
+    Case("slot unaligned size", lambda env: env.slot(0, 0, MiB + 1), errno_(E.EINVAL)),
+    Case("slot unaligned hva", lambda env: env.slot(0, 0, MiB, 8), errno_(E.EINVAL)),
+    Case(
+        "slot kernel hva",
+        lambda env: env.raw_slot(0, 0, MiB, 0xFFFF_8000_0000_0000),
+        errno_(E.EINVAL),
+    ),
+    Case(
+        "slot hva range wraps",
+        lambda env: env.raw_slot(0, 0, 2 * MiB, (1 << 64) - MiB),
+        errno_(E.EINVAL),
+    ),
+    Case("slot gpa at 2^52", lambda env: env.slot(0, 1 << 52, MiB), errno_(E.EINVAL)),
+    Case("slot gpa ending past 2^52", lambda env: env.slot(0, (1 << 52) - 4096, 8192),
+         errno_(E.EINVAL)),
+    Case("slot gpa just below 2^52", lambda env: env.slot(0, (1 << 52) - 4096, 4096), OK),
+    Case("slot gpa at 2^48", lambda env: env.slot(0, 1 << 48, MiB), OK),
+    Case(
+        "slot gpa+size overflows",
+        lambda env: env.slot(0, (1 << 64) - 4096, 8192),
+        errno_(E.EINVAL),
+    ),
+    Case("slot larger than KVM_MEM_MAX_NR_PAGES", _huge_slot, errno_(E.EINVAL)),
+    Case(
+        "slot grow",
+        _create_then((0, 0, MiB), lambda env: env.slot(0, 0, 2 * MiB)),
+        errno_(E.EINVAL),
+    ),
+    Case(
+        "slot shrink",
+        _create_then((0, 0, 2 * MiB), lambda env: env.slot(0, 0, MiB)),
+        errno_(E.EINVAL),
+    ),
+    Case(
+        "slot change hva",
+        _create_then((0, 0, MiB), lambda env: env.slot(0, 0, MiB, MiB)),
+        errno_(E.EINVAL),
+    ),
+    Case(
+        "slot move",
+        _create_then((0, 0, MiB), lambda env: (env.slot(0, 16 * MiB, MiB), _slots_after(env))[1]),
+        value([(0, 16 * MiB, MiB)]),
+    ),
+    Case("slot move onto another slot", _move_onto, errno_(E.EEXIST)),
+    Case("slot toggle LOG_DIRTY_PAGES", _toggle_logging, OK),
+    Case(
+        "slot set READONLY on existing",
+        _create_then((0, 0, MiB), lambda env: env.slot(0, 0, MiB, 0, uapi.KVM_MEM_READONLY)),
+        errno_(E.EINVAL),
+    ),
+    Case(
+        "slot clear READONLY on existing",
+        _create_then(
+            (0, 0, MiB, 0, uapi.KVM_MEM_READONLY), lambda env: env.slot(0, 0, MiB, 0, 0)
+        ),
+        errno_(E.EINVAL),
+    ),
+    Case("slot id 32763", lambda env: env.slot(32763, 0, MiB), OK),
+    Case("slot id 32764 (NR_MEMSLOTS)", lambda env: env.slot(32764, 0, MiB), errno_(E.EINVAL)),
+    Case("slot address space 1", lambda env: env.slot(0x10000, 0, MiB), errno_(E.EINVAL)),
+    Case("slot flags GUEST_MEMFD via v1", lambda env: env.slot(0, 0, MiB, 0, 1 << 2),
+         errno_(E.EINVAL)),
+    Case("slot flags 1<<3", lambda env: env.slot(0, 0, MiB, 0, 1 << 3), errno_(E.EINVAL)),
+    Case("slot flags 1<<16", lambda env: env.slot(0, 0, MiB, 0, 1 << 16), errno_(E.EINVAL)),
+    Case(
+        "slot flags READONLY|LOG_DIRTY_PAGES",
+        lambda env: env.slot(0, 0, MiB, 0, uapi.KVM_MEM_READONLY | uapi.KVM_MEM_LOG_DIRTY_PAGES),
+        OK,
+    ),
+    Case(
+        "slot delete existing (any gpa/hva)",
+        _create_then((0, 0, MiB), lambda env: env.raw_slot(0, 0x1234000, 0, 0x5000)),
+        OK,
+    ),
+    Case("slot delete never created", lambda env: env.slot(5, 0, 0), errno_(E.EINVAL)),
+    Case("slot delete and recreate", _delete_recreate, OK),
+    Case("slot 512 slots", _many_slots, value(512)),
+    Case("slot NULL argument", _region_ptr(0), errno_(E.EFAULT)),
+    Case("slot argument pointer 0x8", _region_ptr(8), errno_(E.EFAULT)),
+    Case("slot region2 plain", _region2(), OK),
+    Case("slot region2 pad2 != 0", _region2(pad2=(1,) * 14), OK),
+    Case(
+        "slot region2 GUEST_MEMFD fd 0",
+        _region2(flags=uapi.KVM_MEM_GUEST_MEMFD, guest_memfd=0),
+        errno_(E.EINVAL),
+    ),
+]
+
+
+# ---- system, VM and vCPU file descriptors ----
+
+
+def _vcpu_twice(env: Env) -> None:
+    env.vm.create_vcpu(1)
+    env.vm.create_vcpu(1)
+
+
+def _closed_vcpu_id_reuse(env: Env) -> None:
+    v = env.vm.create_vcpu(3)
+    v.close()
+    env.vm.create_vcpu(3)
+
+
+FD_CASES = [
+    Case("vcpu id 0", lambda env: env.vm.create_vcpu(0).id, value(0)),
+    Case("vcpu duplicate id", _vcpu_twice, errno_(E.EEXIST)),
+    Case("vcpu id reuse after close", _closed_vcpu_id_reuse, errno_(E.EEXIST)),
+    Case("vcpu id 4095", lambda env: env.vm.create_vcpu(4095).id, value(4095)),
+    Case("vcpu id 4096 (MAX_VCPU_ID)", lambda env: env.vm.create_vcpu(4096), errno_(E.EINVAL)),
+    Case("vcpu id 2^32", lambda env: env.vm.create_vcpu(1 << 32), errno_(E.EINVAL)),
+    Case("GET_REGS NULL", lambda env: env.vcpu.ioctl(uapi.KVM_GET_REGS, 0), errno_(E.EFAULT)),
+    Case("SET_REGS NULL", lambda env: env.vcpu.ioctl(uapi.KVM_SET_REGS, 0), errno_(E.EFAULT)),
+    Case("GET_SREGS 0x10", lambda env: env.vcpu.ioctl(uapi.KVM_GET_SREGS, 0x10),
+         errno_(E.EFAULT)),
+    Case("SET_SREGS 0x10", lambda env: env.vcpu.ioctl(uapi.KVM_SET_SREGS, 0x10),
+         errno_(E.EFAULT)),
+    Case(
+        "SET_REGS kernel pointer",
+        lambda env: env.vcpu.ioctl(uapi.KVM_SET_REGS, 0xFFFF_8000_0000_0000),
+        errno_(E.EFAULT),
+    ),
+    Case("unknown ioctl on vCPU", lambda env: env.vcpu.ioctl(uapi._IO(uapi.KVMIO, 0xFE), 0),
+         errno_(E.EINVAL)),
+    Case("unknown ioctl on VM", lambda env: env.vm.ioctl(uapi._IO(uapi.KVMIO, 0xFE), 0),
+         errno_(E.ENOTTY)),
+    Case("unknown ioctl on system", lambda env: env.kvm.ioctl(uapi._IO(uapi.KVMIO, 0xFE), 0),
+         errno_(E.EINVAL)),
+    Case("foreign ioctl type on vCPU", lambda env: env.vcpu.ioctl(0x5401, 0), errno_(E.EINVAL)),
+    Case("CREATE_VCPU on system fd", lambda env: env.kvm.ioctl(uapi.KVM_CREATE_VCPU, 0),
+         errno_(E.EINVAL)),
+    Case("GET_REGS on VM fd", lambda env: env.vm.ioctl(uapi.KVM_GET_REGS, 0), errno_(E.ENOTTY)),
+    Case("CREATE_VM on VM fd", lambda env: env.vm.ioctl(uapi.KVM_CREATE_VM, 0), errno_(E.ENOTTY)),
+    Case("CHECK_EXTENSION 99999", lambda env: env.kvm.check_extension(99999), value(0)),
+    Case("VM CHECK_EXTENSION USER_MEMORY",
+         lambda env: env.vm.check_extension(uapi.KVM_CAP_USER_MEMORY), value(1)),
+    Case("CREATE_VM type 1", lambda env: env.kvm.create_vm(1), errno_(E.EINVAL)),
+    Case("CREATE_VM type 99", lambda env: env.kvm.create_vm(99), errno_(E.EINVAL)),
+    Case("GET_API_VERSION", lambda env: env.kvm.get_api_version(), value(12)),
+    Case("GET_API_VERSION arg 1", lambda env: env.kvm.ioctl(uapi.KVM_GET_API_VERSION, 1),
+         errno_(E.EINVAL)),
+    Case("GET_VCPU_MMAP_SIZE", lambda env: env.kvm.get_vcpu_mmap_size(), value(12288)),
+    Case("GET_VCPU_MMAP_SIZE arg 1",
+         lambda env: env.kvm.ioctl(uapi.KVM_GET_VCPU_MMAP_SIZE, 1), errno_(E.EINVAL)),
+]
+
+CASES: list[Case] = MEMSLOT_CASES + FD_CASES
