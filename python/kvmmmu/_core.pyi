@@ -1,8 +1,9 @@
 """Typed stubs of kvmmmu._core, the PyO3 extension (Rust)."""
 
-from collections.abc import Buffer
 from types import TracebackType
 from typing import Self
+
+from typing_extensions import Buffer
 
 __version__: str
 VCPU_MMAP_SIZE: int

@@ -80,7 +80,7 @@ class Kvm(_Closable):
 
     @property
     def backend(self) -> str:
-        """"sim" or "dev"."""
+        """The transport's name: "sim" or "dev"."""
         return self.transport.name
 
     def ioctl(self, request: int, arg: Any = 0) -> Any:
@@ -176,6 +176,7 @@ class Vm(_Closable):
         memory_size: int,
         userspace_addr: int | GuestMemory,
         flags: int = 0,
+        *,
         guest_memfd: int = 0,
         guest_memfd_offset: int = 0,
     ) -> None:
@@ -203,9 +204,7 @@ class Vm(_Closable):
         )
         self._slot_changed(slot, v1, pin)
 
-    def _slot_changed(
-        self, slot: int, region: uapi.kvm_userspace_memory_region, pin: Any
-    ) -> None:
+    def _slot_changed(self, slot: int, region: uapi.kvm_userspace_memory_region, pin: Any) -> None:
         if region.memory_size == 0:
             self.slots.pop(slot, None)
             old = self._res.pins.pop(slot, None)

@@ -22,7 +22,9 @@ fn table(n: u32, host: &HostRegion) -> MemSlots {
             ..Default::default()
         };
         slots
-            .set_region(&r, RegionIoctl::V1, |h, l| HostRegion::lookup(h, l).ok_or(Errno::EFAULT))
+            .set_region(&r, RegionIoctl::V1, |h, l| {
+                HostRegion::lookup(h, l).ok_or(Errno::EFAULT)
+            })
             .unwrap();
     }
     slots

@@ -53,7 +53,10 @@ impl HostRegion {
             )
         }
         .map_err(Errno::from)?;
-        let region = Arc::new(HostRegion { ptr: ptr.cast(), size: len.get() });
+        let region = Arc::new(HostRegion {
+            ptr: ptr.cast(),
+            size: len.get(),
+        });
         registry()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -133,34 +136,6 @@ impl std::fmt::Debug for HostRegion {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn huge_region_costs_nothing_until_touched() {
-        let r = HostRegion::new(16 << 40).unwrap();
-        assert_eq!(r.size(), 16 << 40);
-        r.write((8 << 40) + 5, &[7]).unwrap();
-        let mut b = [0u8; 2];
-        r.read((8 << 40) + 4, &mut b).unwrap();
-        assert_eq!(b, [0, 7]);
-        assert_eq!(r.read(r.size() - 1, &mut b), Err(Errno::EFAULT));
-    }
-
-    #[test]
-    fn lookup_by_hva() {
-        let r = HostRegion::new(8192).unwrap();
-        let (found, off) = HostRegion::lookup(r.addr() + 4096, 4096).unwrap();
-        assert!(Arc::ptr_eq(&found, &r));
-        assert_eq!(off, 4096);
-        assert!(HostRegion::lookup(r.addr() + 4096, 8192).is_none());
-        let addr = r.addr();
-        drop((found, r));
-        assert!(HostRegion::lookup(addr, 4096).is_none());
-    }
-}
-
 /// A shared mapping of a memfd: the vCPU's mmap area (kvm_run and later pages),
 /// which userspace maps from the same file descriptor.
 pub struct SharedMapping {
@@ -192,7 +167,10 @@ impl SharedMapping {
             )
         }
         .map_err(Errno::from)?;
-        Ok(SharedMapping { ptr: ptr.cast(), size })
+        Ok(SharedMapping {
+            ptr: ptr.cast(),
+            size,
+        })
     }
 
     pub fn size(&self) -> usize {
@@ -238,5 +216,33 @@ impl Drop for SharedMapping {
     fn drop(&mut self) {
         // SAFETY: created in `new` with this base and length; no borrow outlives self.
         let _ = unsafe { munmap(self.ptr.cast(), self.size) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_region_costs_nothing_until_touched() {
+        let r = HostRegion::new(16 << 40).unwrap();
+        assert_eq!(r.size(), 16 << 40);
+        r.write((8 << 40) + 5, &[7]).unwrap();
+        let mut b = [0u8; 2];
+        r.read((8 << 40) + 4, &mut b).unwrap();
+        assert_eq!(b, [0, 7]);
+        assert_eq!(r.read(r.size() - 1, &mut b), Err(Errno::EFAULT));
+    }
+
+    #[test]
+    fn lookup_by_hva() {
+        let r = HostRegion::new(8192).unwrap();
+        let (found, off) = HostRegion::lookup(r.addr() + 4096, 4096).unwrap();
+        assert!(Arc::ptr_eq(&found, &r));
+        assert_eq!(off, 4096);
+        assert!(HostRegion::lookup(r.addr() + 4096, 8192).is_none());
+        let addr = r.addr();
+        drop((found, r));
+        assert!(HostRegion::lookup(addr, 4096).is_none());
     }
 }

@@ -38,8 +38,11 @@ pub struct SimKvm {
 
 fn new_memfd(name: &str) -> Result<OwnedFd> {
     let name = std::ffi::CString::new(name).map_err(|_| Errno::EINVAL)?;
-    nix::sys::memfd::memfd_create(name.as_c_str(), nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
-        .map_err(Errno::from)
+    nix::sys::memfd::memfd_create(
+        name.as_c_str(),
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .map_err(Errno::from)
 }
 
 /// KVM_CHECK_EXTENSION: exactly what the simulator implements.
@@ -63,7 +66,10 @@ pub fn check_extension(capability: u64) -> i64 {
 
 /// Capabilities the simulator reports as non-zero, for listings.
 pub fn supported_capabilities() -> Vec<(u64, i64)> {
-    (0..256).map(|c| (c, check_extension(c))).filter(|&(_, v)| v != 0).collect()
+    (0..256)
+        .map(|c| (c, check_extension(c)))
+        .filter(|&(_, v)| v != 0)
+        .collect()
 }
 
 impl SimKvm {
@@ -95,7 +101,10 @@ impl SimKvm {
 
     /// The object behind a simulated fd.
     pub fn file(&self, fd: RawFd) -> Result<KvmFile> {
-        self.table().get(&fd).map(|e| e.file.clone()).ok_or(Errno::EBADF)
+        self.table()
+            .get(&fd)
+            .map(|e| e.file.clone())
+            .ok_or(Errno::EBADF)
     }
 
     /// Open simulated descriptors, sorted.
@@ -114,7 +123,11 @@ impl SimKvm {
             KvmFile::Vm(vm) => match request {
                 uapi::KVM_CREATE_VCPU => {
                     let vcpu = vm.create_vcpu(arg)?;
-                    let fd = vcpu.memfd().as_fd().try_clone_to_owned().map_err(Errno::from)?;
+                    let fd = vcpu
+                        .memfd()
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map_err(Errno::from)?;
                     Ok(i64::from(self.install(KvmFile::Vcpu(vcpu), fd)))
                 }
                 _ => vm.ioctl(request, arg, ua),
@@ -133,7 +146,9 @@ impl SimKvm {
             uapi::KVM_GET_API_VERSION if arg == 0 => Ok(uapi::KVM_API_VERSION),
             uapi::KVM_CREATE_VM => {
                 let vm = Vm::new(arg)?;
-                Ok(i64::from(self.install(KvmFile::Vm(vm), new_memfd("kvmmmu-vm")?)))
+                Ok(i64::from(
+                    self.install(KvmFile::Vm(vm), new_memfd("kvmmmu-vm")?),
+                ))
             }
             uapi::KVM_CHECK_EXTENSION => Ok(check_extension(arg)),
             uapi::KVM_GET_VCPU_MMAP_SIZE if arg == 0 => Ok(VCPU_MMAP_SIZE as i64),
@@ -154,13 +169,28 @@ mod tests {
         let sys = k.open().unwrap();
         let ua = &mut ProcessVm;
         assert_eq!(k.ioctl(sys, uapi::KVM_GET_API_VERSION, 0, ua), Ok(12));
-        assert_eq!(k.ioctl(sys, uapi::KVM_GET_API_VERSION, 1, ua), Err(Errno::EINVAL));
-        assert_eq!(k.ioctl(sys, uapi::KVM_CREATE_VM, 99, ua), Err(Errno::EINVAL));
+        assert_eq!(
+            k.ioctl(sys, uapi::KVM_GET_API_VERSION, 1, ua),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            k.ioctl(sys, uapi::KVM_CREATE_VM, 99, ua),
+            Err(Errno::EINVAL)
+        );
         let vm = k.ioctl(sys, uapi::KVM_CREATE_VM, 0, ua).unwrap() as RawFd;
-        assert_eq!(k.ioctl(vm, uapi::KVM_GET_API_VERSION, 0, ua), Err(Errno::ENOTTY));
+        assert_eq!(
+            k.ioctl(vm, uapi::KVM_GET_API_VERSION, 0, ua),
+            Err(Errno::ENOTTY)
+        );
         let vcpu = k.ioctl(vm, uapi::KVM_CREATE_VCPU, 0, ua).unwrap() as RawFd;
-        assert_eq!(k.ioctl(vm, uapi::KVM_CREATE_VCPU, 0, ua), Err(Errno::EEXIST));
-        assert_eq!(k.ioctl(vm, uapi::KVM_CREATE_VCPU, 4096, ua), Err(Errno::EINVAL));
+        assert_eq!(
+            k.ioctl(vm, uapi::KVM_CREATE_VCPU, 0, ua),
+            Err(Errno::EEXIST)
+        );
+        assert_eq!(
+            k.ioctl(vm, uapi::KVM_CREATE_VCPU, 4096, ua),
+            Err(Errno::EINVAL)
+        );
         assert_eq!(k.ioctl(vcpu, 0xdead, 0, ua), Err(Errno::EINVAL));
         assert_eq!(k.ioctl(vcpu, uapi::KVM_GET_REGS, 0, ua), Err(Errno::EFAULT));
         k.close(vm).unwrap();
@@ -169,7 +199,10 @@ mod tests {
         let p = &mut regs as *mut _ as u64;
         assert_eq!(k.ioctl(vcpu, uapi::KVM_GET_REGS, p, ua), Ok(0));
         assert_eq!(regs.rflags, 2);
-        assert_eq!(k.ioctl(vm, uapi::KVM_GET_API_VERSION, 0, ua), Err(Errno::EBADF));
+        assert_eq!(
+            k.ioctl(vm, uapi::KVM_GET_API_VERSION, 0, ua),
+            Err(Errno::EBADF)
+        );
         k.close(vcpu).unwrap();
         k.close(sys).unwrap();
         assert!(k.fds().is_empty());

@@ -231,7 +231,11 @@ impl MemSlots {
         };
         let end_gfn = base_gfn + npages;
         if matches!(change, Change::Create | Change::Move) {
-            if self.overlaps(base_gfn, end_gfn, Some(id).filter(|_| change == Change::Move)) {
+            if self.overlaps(
+                base_gfn,
+                end_gfn,
+                Some(id).filter(|_| change == Change::Move),
+            ) {
                 return Err(Errno::EEXIST);
             }
             // kvm_arch_prepare_memory_region: the slot must fit below kvm_mmu_max_gfn().
@@ -261,7 +265,11 @@ impl MemSlots {
             self.index_remove(id);
         }
         if change != Change::FlagsOnly {
-            self.index_insert(Range { base_gfn, end_gfn, id });
+            self.index_insert(Range {
+                base_gfn,
+                end_gfn,
+                id,
+            });
         }
         self.by_id[id as usize] = Some(slot);
         self.generation += 2;
@@ -272,7 +280,10 @@ impl MemSlots {
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
         let live = self.by_id.iter().flatten().count();
         if live != self.sorted.len() {
-            return Err(format!("{live} slots but {} index entries", self.sorted.len()));
+            return Err(format!(
+                "{live} slots but {} index entries",
+                self.sorted.len()
+            ));
         }
         for w in self.sorted.windows(2) {
             if w[0].end_gfn > w[1].base_gfn {
@@ -280,7 +291,9 @@ impl MemSlots {
             }
         }
         for r in &self.sorted {
-            let s = self.get(r.id).ok_or_else(|| format!("index names missing slot {}", r.id))?;
+            let s = self
+                .get(r.id)
+                .ok_or_else(|| format!("index names missing slot {}", r.id))?;
             if s.base_gfn != r.base_gfn || s.end_gfn() != r.end_gfn || s.npages == 0 {
                 return Err(format!("index {r:?} disagrees with slot {s:?}"));
             }
@@ -299,7 +312,13 @@ impl MemSlots {
 mod tests {
     use super::*;
 
-    fn region(slot: u32, gpa: u64, size: u64, hva: u64, flags: u32) -> kvm_userspace_memory_region2 {
+    fn region(
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        hva: u64,
+        flags: u32,
+    ) -> kvm_userspace_memory_region2 {
         kvm_userspace_memory_region2 {
             slot,
             flags,
@@ -332,33 +351,87 @@ mod tests {
         let mem = HostRegion::new(1 << 24).unwrap();
         let mut s = MemSlots::new();
         assert_eq!(set(&mut s, &mem, 0, 0, 1 << 20, 0, 0), Ok(Change::Create));
-        assert_eq!(set(&mut s, &mem, 0, 0, 1 << 20, 0, 0), Ok(Change::Unchanged));
+        assert_eq!(
+            set(&mut s, &mem, 0, 0, 1 << 20, 0, 0),
+            Ok(Change::Unchanged)
+        );
         // overlap, partial and identical
-        assert_eq!(set(&mut s, &mem, 1, 0x80000, 1 << 20, 0, 0), Err(Errno::EEXIST));
+        assert_eq!(
+            set(&mut s, &mem, 1, 0x80000, 1 << 20, 0, 0),
+            Err(Errno::EEXIST)
+        );
         assert_eq!(set(&mut s, &mem, 1, 0, 1 << 20, 0, 0), Err(Errno::EEXIST));
         // adjacent, same hva as another slot
-        assert_eq!(set(&mut s, &mem, 1, 1 << 20, 1 << 20, 0, 0), Ok(Change::Create));
+        assert_eq!(
+            set(&mut s, &mem, 1, 1 << 20, 1 << 20, 0, 0),
+            Ok(Change::Create)
+        );
         // no resize, no hva change, no READONLY toggle
-        assert_eq!(set(&mut s, &mem, 1, 1 << 20, 2 << 20, 0, 0), Err(Errno::EINVAL));
-        assert_eq!(set(&mut s, &mem, 1, 1 << 20, 1 << 20, 4096, 0), Err(Errno::EINVAL));
-        assert_eq!(set(&mut s, &mem, 1, 1 << 20, 1 << 20, 0, 2), Err(Errno::EINVAL));
+        assert_eq!(
+            set(&mut s, &mem, 1, 1 << 20, 2 << 20, 0, 0),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            set(&mut s, &mem, 1, 1 << 20, 1 << 20, 4096, 0),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            set(&mut s, &mem, 1, 1 << 20, 1 << 20, 0, 2),
+            Err(Errno::EINVAL)
+        );
         // flags-only and move
-        assert_eq!(set(&mut s, &mem, 1, 1 << 20, 1 << 20, 0, 1), Ok(Change::FlagsOnly));
-        assert_eq!(set(&mut s, &mem, 1, 8 << 20, 1 << 20, 0, 1), Ok(Change::Move));
+        assert_eq!(
+            set(&mut s, &mem, 1, 1 << 20, 1 << 20, 0, 1),
+            Ok(Change::FlagsOnly)
+        );
+        assert_eq!(
+            set(&mut s, &mem, 1, 8 << 20, 1 << 20, 0, 1),
+            Ok(Change::Move)
+        );
         assert_eq!(s.lookup(8 << 8).unwrap().id, 1);
         assert!(s.lookup(1 << 8).is_none());
         // alignment, ids, flags
-        assert_eq!(set(&mut s, &mem, 2, 0x1000_0800, 4096, 0, 0), Err(Errno::EINVAL));
-        assert_eq!(set(&mut s, &mem, 2, 0x1000_0000, 100, 0, 0), Err(Errno::EINVAL));
-        assert_eq!(set(&mut s, &mem, 2, 0x1000_0000, 4096, 1, 0), Err(Errno::EINVAL));
-        assert_eq!(set(&mut s, &mem, 32764, 0x1000_0000, 4096, 0, 0), Err(Errno::EINVAL));
-        assert_eq!(set(&mut s, &mem, 0x10000, 0x1000_0000, 4096, 0, 0), Err(Errno::EINVAL));
-        assert_eq!(set(&mut s, &mem, 2, 0x1000_0000, 4096, 0, 1 << 3), Err(Errno::EINVAL));
-        assert_eq!(set(&mut s, &mem, 2, 0x1000_0000, 4096, 0, 4), Err(Errno::EINVAL));
-        assert_eq!(set(&mut s, &mem, 32763, 0x1000_0000, 4096, 0, 3), Ok(Change::Create));
+        assert_eq!(
+            set(&mut s, &mem, 2, 0x1000_0800, 4096, 0, 0),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            set(&mut s, &mem, 2, 0x1000_0000, 100, 0, 0),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            set(&mut s, &mem, 2, 0x1000_0000, 4096, 1, 0),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            set(&mut s, &mem, 32764, 0x1000_0000, 4096, 0, 0),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            set(&mut s, &mem, 0x10000, 0x1000_0000, 4096, 0, 0),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            set(&mut s, &mem, 2, 0x1000_0000, 4096, 0, 1 << 3),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            set(&mut s, &mem, 2, 0x1000_0000, 4096, 0, 4),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            set(&mut s, &mem, 32763, 0x1000_0000, 4096, 0, 3),
+            Ok(Change::Create)
+        );
         // gpa range limit (52 bits), and the ok case at 2^48
-        assert_eq!(set(&mut s, &mem, 3, 1 << 52, 4096, 0, 0), Err(Errno::EINVAL));
-        assert_eq!(set(&mut s, &mem, 3, 1 << 48, 4096, 0, 0), Ok(Change::Create));
+        assert_eq!(
+            set(&mut s, &mem, 3, 1 << 52, 4096, 0, 0),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            set(&mut s, &mem, 3, 1 << 48, 4096, 0, 0),
+            Ok(Change::Create)
+        );
         // delete, delete missing
         assert_eq!(set(&mut s, &mem, 3, 0, 0, 0, 0), Ok(Change::Delete));
         assert_eq!(set(&mut s, &mem, 3, 0, 0, 0, 0), Err(Errno::EINVAL));
@@ -370,7 +443,10 @@ mod tests {
         assert_eq!(out, Err(Errno::EFAULT));
         // kernel address, wrap
         let r = region(4, 1 << 30, 4096, 0xffff_8000_0000_0000, 0);
-        assert_eq!(s.set_region(&r, RegionIoctl::V1, |_, _| unreachable!()), Err(Errno::EINVAL));
+        assert_eq!(
+            s.set_region(&r, RegionIoctl::V1, |_, _| unreachable!()),
+            Err(Errno::EINVAL)
+        );
         s.check_invariants().unwrap();
     }
 
@@ -380,8 +456,10 @@ mod tests {
         let mut s = MemSlots::new();
         for i in 0..1000u32 {
             let r = region(i, u64::from(i) * 2 * 4096, 4096, mem.addr(), 0);
-            s.set_region(&r, RegionIoctl::V1, |h, l| HostRegion::lookup(h, l).ok_or(Errno::EFAULT))
-                .unwrap();
+            s.set_region(&r, RegionIoctl::V1, |h, l| {
+                HostRegion::lookup(h, l).ok_or(Errno::EFAULT)
+            })
+            .unwrap();
         }
         s.check_invariants().unwrap();
         for i in 0..1000u64 {

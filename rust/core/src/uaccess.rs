@@ -58,7 +58,10 @@ impl UserAccess for ProcessVm {
         }
         check_range(addr, buf.len())?;
         let len = buf.len();
-        let remote = [RemoteIoVec { base: addr as usize, len }];
+        let remote = [RemoteIoVec {
+            base: addr as usize,
+            len,
+        }];
         let mut local = [IoSliceMut::new(buf)];
         match process_vm_readv(Pid::this(), &mut local, &remote) {
             Ok(n) if n == len => Ok(()),
@@ -71,7 +74,10 @@ impl UserAccess for ProcessVm {
             return Ok(());
         }
         check_range(addr, buf.len())?;
-        let remote = [RemoteIoVec { base: addr as usize, len: buf.len() }];
+        let remote = [RemoteIoVec {
+            base: addr as usize,
+            len: buf.len(),
+        }];
         let local = [IoSlice::new(buf)];
         match process_vm_writev(Pid::this(), &local, &remote) {
             Ok(n) if n == buf.len() => Ok(()),
@@ -128,18 +134,28 @@ mod tests {
         assert_eq!(ProcessVm.copy_from_user(0, &mut b), Err(Errno::EFAULT));
         assert_eq!(ProcessVm.copy_from_user(8, &mut b), Err(Errno::EFAULT));
         assert_eq!(ProcessVm.copy_to_user(0x10, &b), Err(Errno::EFAULT));
-        assert_eq!(ProcessVm.copy_from_user(u64::MAX - 3, &mut b), Err(Errno::EFAULT));
-        assert_eq!(ProcessVm.copy_from_user(0xffff_8000_0000_0000, &mut b), Err(Errno::EFAULT));
+        assert_eq!(
+            ProcessVm.copy_from_user(u64::MAX - 3, &mut b),
+            Err(Errno::EFAULT)
+        );
+        assert_eq!(
+            ProcessVm.copy_from_user(0xffff_8000_0000_0000, &mut b),
+            Err(Errno::EFAULT)
+        );
     }
 
     #[test]
     fn own_memory_round_trips() {
         let src = [1u8, 2, 3, 4, 5, 6, 7, 8];
         let mut dst = [0u8; 8];
-        ProcessVm.copy_from_user(src.as_ptr() as u64, &mut dst).unwrap();
+        ProcessVm
+            .copy_from_user(src.as_ptr() as u64, &mut dst)
+            .unwrap();
         assert_eq!(src, dst);
         let mut target = vec![0u8; 8];
-        ProcessVm.copy_to_user(target.as_mut_ptr() as u64, &src).unwrap();
+        ProcessVm
+            .copy_to_user(target.as_mut_ptr() as u64, &src)
+            .unwrap();
         assert_eq!(target, src);
     }
 
@@ -147,12 +163,16 @@ mod tests {
     fn window_and_fallback() {
         let outside = [9u8; 4];
         let mut data = vec![0u8; 16];
-        let mut ub = UserBuf { base: 0x1000, data: &mut data };
+        let mut ub = UserBuf {
+            base: 0x1000,
+            data: &mut data,
+        };
         ub.copy_to_user(0x1004, &[1, 2, 3, 4]).unwrap();
         let mut got = [0u8; 4];
         ub.copy_from_user(0x1004, &mut got).unwrap();
         assert_eq!(got, [1, 2, 3, 4]);
-        ub.copy_from_user(outside.as_ptr() as u64, &mut got).unwrap();
+        ub.copy_from_user(outside.as_ptr() as u64, &mut got)
+            .unwrap();
         assert_eq!(got, [9; 4]);
         assert_eq!(ub.copy_from_user(0x100e, &mut got), Err(Errno::EFAULT));
     }

@@ -9,8 +9,8 @@
 use std::mem::{offset_of, size_of};
 
 pub use kvm_bindings::{
-    kvm_cpuid2, kvm_cpuid_entry2, kvm_debugregs, kvm_dtable, kvm_mp_state, kvm_msr_entry,
-    kvm_msrs, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events,
+    kvm_cpuid2, kvm_cpuid_entry2, kvm_debugregs, kvm_dtable, kvm_mp_state, kvm_msr_entry, kvm_msrs,
+    kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events,
 };
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -106,7 +106,9 @@ mirror!(
 
 /// `struct kvm_dirty_log`: the union holds the user pointer of the bitmap.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[allow(non_camel_case_types)]
 pub struct kvm_dirty_log {
     pub slot: u32,
@@ -117,7 +119,9 @@ const _: () = assert!(size_of::<kvm_dirty_log>() == size_of::<kvm_bindings::kvm_
 
 /// `struct kvm_clear_dirty_log`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[allow(non_camel_case_types)]
 pub struct kvm_clear_dirty_log {
     pub slot: u32,
@@ -130,7 +134,9 @@ const _: () =
 
 /// Header of `struct kvm_cpuid2` / `struct kvm_msrs` / `struct kvm_msr_list`: nent, then entries.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[allow(non_camel_case_types)]
 pub struct kvm_nent_header {
     pub nent: u32,
@@ -142,8 +148,8 @@ const _: () = assert!(size_of::<kvm_nent_header>() == size_of::<kvm_cpuid2>());
 pub const KVM_RUN_SIZE: usize = size_of::<kvm_bindings::kvm_run>();
 pub mod run_off {
     //! Byte offsets into `struct kvm_run`, from kvm-bindings.
-    use std::mem::offset_of;
     use kvm_bindings::kvm_run;
+    use std::mem::offset_of;
     pub const REQUEST_INTERRUPT_WINDOW: usize = offset_of!(kvm_run, request_interrupt_window);
     pub const IMMEDIATE_EXIT: usize = offset_of!(kvm_run, immediate_exit);
     pub const EXIT_REASON: usize = offset_of!(kvm_run, exit_reason);
@@ -162,7 +168,7 @@ pub mod run_off {
 // system ioctls
 pub const KVM_GET_API_VERSION: u64 = io(0x00);
 pub const KVM_CREATE_VM: u64 = io(0x01);
-pub const KVM_GET_MSR_INDEX_LIST: u64 = iowr::<kvm_nent_header>(0x02);
+pub const KVM_GET_MSR_INDEX_LIST: u64 = iowr::<u32>(0x02); // struct kvm_msr_list: u32 nmsrs
 pub const KVM_CHECK_EXTENSION: u64 = io(0x03);
 pub const KVM_GET_VCPU_MMAP_SIZE: u64 = io(0x04);
 pub const KVM_GET_SUPPORTED_CPUID: u64 = iowr::<kvm_nent_header>(0x05);
@@ -247,8 +253,14 @@ pub const IOCTL_NUMBERS: &[(&str, u64)] = &[
 
 /// Struct sizes by C name, from the kvm-bindings types (checked against Python's ctypes).
 pub const STRUCT_SIZES: &[(&str, usize)] = &[
-    ("kvm_userspace_memory_region", size_of::<kvm_userspace_memory_region>()),
-    ("kvm_userspace_memory_region2", size_of::<kvm_userspace_memory_region2>()),
+    (
+        "kvm_userspace_memory_region",
+        size_of::<kvm_userspace_memory_region>(),
+    ),
+    (
+        "kvm_userspace_memory_region2",
+        size_of::<kvm_userspace_memory_region2>(),
+    ),
     ("kvm_regs", size_of::<kvm_regs>()),
     ("kvm_segment", size_of::<kvm_segment>()),
     ("kvm_dtable", size_of::<kvm_dtable>()),
@@ -266,7 +278,10 @@ pub const STRUCT_SIZES: &[(&str, usize)] = &[
     ("kvm_dirty_log", size_of::<kvm_dirty_log>()),
     ("kvm_clear_dirty_log", size_of::<kvm_clear_dirty_log>()),
     ("kvm_dirty_gfn", size_of::<kvm_dirty_gfn>()),
-    ("kvm_guest_debug", size_of::<kvm_bindings::kvm_guest_debug>()),
+    (
+        "kvm_guest_debug",
+        size_of::<kvm_bindings::kvm_guest_debug>(),
+    ),
     ("kvm_run", KVM_RUN_SIZE),
 ];
 

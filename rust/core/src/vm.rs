@@ -39,7 +39,10 @@ impl Vm {
         if vm_type != 0 {
             return Err(Errno::EINVAL);
         }
-        Ok(Arc::new_cyclic(|w| Vm { state: Mutex::new(VmState::default()), self_ref: w.clone() }))
+        Ok(Arc::new_cyclic(|w| Vm {
+            state: Mutex::new(VmState::default()),
+            self_ref: w.clone(),
+        }))
     }
 
     pub fn state(&self) -> MutexGuard<'_, VmState> {
@@ -47,7 +50,9 @@ impl Vm {
     }
 
     fn arc(&self) -> Arc<Vm> {
-        self.self_ref.upgrade().expect("a Vm is only reachable through an Arc")
+        self.self_ref
+            .upgrade()
+            .expect("a Vm is only reachable through an Arc")
     }
 
     /// KVM_SET_USER_MEMORY_REGION(2) with the simulator's host-memory rule.

@@ -40,7 +40,9 @@ struct SimKvm {
 impl SimKvm {
     #[new]
     fn new() -> Self {
-        SimKvm { inner: kvm::SimKvm::new() }
+        SimKvm {
+            inner: kvm::SimKvm::new(),
+        }
     }
 
     /// open("/dev/kvm"): a new system file descriptor.
@@ -64,13 +66,19 @@ impl SimKvm {
         arg: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<i64> {
         let Some(arg) = arg else {
-            return py.detach(|| self.inner.ioctl(fd, request, 0, &mut ProcessVm)).py_err();
+            return py
+                .detach(|| self.inner.ioctl(fd, request, 0, &mut ProcessVm))
+                .py_err();
         };
         if let Ok(v) = arg.extract::<i64>() {
-            return py.detach(|| self.inner.ioctl(fd, request, v as u64, &mut ProcessVm)).py_err();
+            return py
+                .detach(|| self.inner.ioctl(fd, request, v as u64, &mut ProcessVm))
+                .py_err();
         }
         if let Ok(v) = arg.extract::<u64>() {
-            return py.detach(|| self.inner.ioctl(fd, request, v, &mut ProcessVm)).py_err();
+            return py
+                .detach(|| self.inner.ioctl(fd, request, v, &mut ProcessVm))
+                .py_err();
         }
         let buf = PyBuffer::<u8>::get(arg)?;
         if !buf.is_c_contiguous() {
@@ -79,7 +87,10 @@ impl SimKvm {
         let mut data = buf.to_vec(py)?;
         let base = buf.buf_ptr() as u64;
         let r = py.detach(|| {
-            let mut ua = UserBuf { base, data: &mut data };
+            let mut ua = UserBuf {
+                base,
+                data: &mut data,
+            };
             self.inner.ioctl(fd, request, base, &mut ua)
         });
         if !buf.readonly() {
@@ -112,7 +123,9 @@ struct GuestMemory {
 
 impl GuestMemory {
     fn region(&self) -> PyResult<&Arc<HostRegion>> {
-        self.region.as_ref().ok_or_else(|| PyValueError::new_err("GuestMemory is closed"))
+        self.region
+            .as_ref()
+            .ok_or_else(|| PyValueError::new_err("GuestMemory is closed"))
     }
 }
 
@@ -127,7 +140,10 @@ impl GuestMemory {
     #[new]
     fn new(size: u64) -> PyResult<Self> {
         let region = HostRegion::new(size).py_err()?;
-        Ok(GuestMemory { region: Some(region), exports: AtomicUsize::new(0) })
+        Ok(GuestMemory {
+            region: Some(region),
+            exports: AtomicUsize::new(0),
+        })
     }
 
     /// The host virtual address of the first byte (a KVM `userspace_addr`).
@@ -153,25 +169,33 @@ impl GuestMemory {
     /// Copy `length` bytes at `offset` out of guest memory.
     fn read(&self, offset: usize, length: usize) -> PyResult<Vec<u8>> {
         let mut v = vec![0u8; length];
-        self.region()?.read(offset, &mut v).map_err(|_| PyValueError::new_err("out of range"))?;
+        self.region()?
+            .read(offset, &mut v)
+            .map_err(|_| PyValueError::new_err("out of range"))?;
         Ok(v)
     }
 
     /// Copy bytes into guest memory at `offset`.
     fn write(&self, offset: usize, data: &[u8]) -> PyResult<()> {
-        self.region()?.write(offset, data).map_err(|_| PyValueError::new_err("out of range"))
+        self.region()?
+            .write(offset, data)
+            .map_err(|_| PyValueError::new_err("out of range"))
     }
 
     /// Pin the memory for a memory slot: it cannot be closed while a pin lives.
     fn _pin(&self) -> PyResult<MemoryPin> {
-        Ok(MemoryPin { _region: self.region()?.clone() })
+        Ok(MemoryPin {
+            _region: self.region()?.clone(),
+        })
     }
 
     /// Unmap the memory. Refused while buffer views exist (BufferError) or while a
     /// memory slot or pin still uses it (OSError EBUSY).
     fn close(&mut self) -> PyResult<()> {
         if self.exports.load(Ordering::Acquire) > 0 {
-            return Err(PyBufferError::new_err("GuestMemory has exported buffer views"));
+            return Err(PyBufferError::new_err(
+                "GuestMemory has exported buffer views",
+            ));
         }
         if let Some(r) = &self.region {
             if Arc::strong_count(r) > 1 {
@@ -218,9 +242,8 @@ impl GuestMemory {
         // describe the live mapping, which close() refuses to unmap while
         // `exports` > 0 (decremented in __releasebuffer__). The view holds a
         // strong reference to `slf`.
-        let rc = unsafe {
-            pyo3::ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len, 0, flags)
-        };
+        let rc =
+            unsafe { pyo3::ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len, 0, flags) };
         if rc != 0 {
             slf.borrow().exports.fetch_sub(1, Ordering::AcqRel);
             return Err(PyErr::fetch(slf.py()));

@@ -58,13 +58,21 @@ impl Vcpu {
     pub fn new(vm: Arc<Vm>, id: u32) -> Result<Arc<Vcpu>> {
         let name = format!("kvmmmu-vcpu:{id}");
         let memfd = nix::sys::memfd::memfd_create(
-            std::ffi::CString::new(name).map_err(|_| Errno::EINVAL)?.as_c_str(),
+            std::ffi::CString::new(name)
+                .map_err(|_| Errno::EINVAL)?
+                .as_c_str(),
             nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
         )
         .map_err(Errno::from)?;
         nix::unistd::ftruncate(&memfd, VCPU_MMAP_SIZE as i64).map_err(Errno::from)?;
         let run = SharedMapping::new(memfd.as_fd(), VCPU_MMAP_SIZE)?;
-        Ok(Arc::new(Vcpu { id, vm, state: Mutex::new(VcpuState::reset()), run, memfd }))
+        Ok(Arc::new(Vcpu {
+            id,
+            vm,
+            state: Mutex::new(VcpuState::reset()),
+            run,
+            memfd,
+        }))
     }
 
     pub fn vm(&self) -> &Arc<Vm> {
