@@ -16,7 +16,9 @@ def test_table_is_large_enough() -> None:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_case(kvm: kvmmmu.Kvm, case: Case) -> None:
     got = run_case(kvm, case)
-    assert got == case.expected(kvm.backend), f"{case.name}: got {got}"
+    assert case.holds(got, kvm.backend), (
+        f"{case.name}: got {got}, want {case.expected(kvm.backend)}"
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -25,6 +27,7 @@ def test_parity(sim_kvm: kvmmmu.Kvm, dev_kvm: kvmmmu.Kvm, case: Case) -> None:
     a, b = run_case(sim_kvm, case), run_case(dev_kvm, case)
     if case.sim_expect is not None:
         assert case.why, "a deliberate difference needs a reason"
-        assert a == case.sim_expect and b == case.expect
+        assert case.holds(a, "sim") and case.holds(b, "dev")
+        assert a != b, "a documented difference that no longer differs: drop sim_expect"
     else:
         assert a == b, f"{case.name}: sim {a} != dev {b}"

@@ -28,6 +28,8 @@ struct Entry {
     /// Placeholder fd for system and VM files; a vCPU's fd is its memfd (duplicated).
     /// Owning it reserves the number; dropping the entry closes it.
     _fd: OwnedFd,
+    /// A vCPU file holds a reference on its VM, as in the kernel.
+    _vm_ref: Option<Arc<Vm>>,
 }
 
 /// One software /dev/kvm: the table of open simulated files.
@@ -81,15 +83,22 @@ impl SimKvm {
         self.files.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn install(&self, file: KvmFile, fd: OwnedFd) -> RawFd {
+    fn install(&self, file: KvmFile, fd: OwnedFd, vm_ref: Option<Arc<Vm>>) -> RawFd {
         let raw = fd.as_raw_fd();
-        self.table().insert(raw, Entry { file, _fd: fd });
+        self.table().insert(
+            raw,
+            Entry {
+                file,
+                _fd: fd,
+                _vm_ref: vm_ref,
+            },
+        );
         raw
     }
 
     /// open("/dev/kvm"): a new system file descriptor.
     pub fn open(&self) -> Result<RawFd> {
-        Ok(self.install(KvmFile::System, new_memfd("kvmmmu-kvm")?))
+        Ok(self.install(KvmFile::System, new_memfd("kvmmmu-kvm")?, None))
     }
 
     /// close(fd). Objects live on while other files refer to them, as in the kernel.
@@ -128,7 +137,7 @@ impl SimKvm {
                         .as_fd()
                         .try_clone_to_owned()
                         .map_err(Errno::from)?;
-                    Ok(i64::from(self.install(KvmFile::Vcpu(vcpu), fd)))
+                    Ok(i64::from(self.install(KvmFile::Vcpu(vcpu), fd, Some(vm))))
                 }
                 _ => vm.ioctl(request, arg, ua),
             },
@@ -146,9 +155,11 @@ impl SimKvm {
             uapi::KVM_GET_API_VERSION if arg == 0 => Ok(uapi::KVM_API_VERSION),
             uapi::KVM_CREATE_VM => {
                 let vm = Vm::new(arg)?;
-                Ok(i64::from(
-                    self.install(KvmFile::Vm(vm), new_memfd("kvmmmu-vm")?),
-                ))
+                Ok(i64::from(self.install(
+                    KvmFile::Vm(vm),
+                    new_memfd("kvmmmu-vm")?,
+                    None,
+                )))
             }
             uapi::KVM_CHECK_EXTENSION => Ok(check_extension(arg)),
             uapi::KVM_GET_VCPU_MMAP_SIZE if arg == 0 => Ok(VCPU_MMAP_SIZE as i64),
@@ -203,7 +214,15 @@ mod tests {
             k.ioctl(vm, uapi::KVM_GET_API_VERSION, 0, ua),
             Err(Errno::EBADF)
         );
+        let weak = match k.file(vcpu).unwrap() {
+            KvmFile::Vcpu(v) => Arc::downgrade(&v.vm().unwrap()),
+            _ => unreachable!(),
+        };
         k.close(vcpu).unwrap();
+        assert!(
+            weak.upgrade().is_none(),
+            "the VM is freed with its last file"
+        );
         k.close(sys).unwrap();
         assert!(k.fds().is_empty());
     }

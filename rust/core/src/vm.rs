@@ -49,12 +49,6 @@ impl Vm {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn arc(&self) -> Arc<Vm> {
-        self.self_ref
-            .upgrade()
-            .expect("a Vm is only reachable through an Arc")
-    }
-
     /// KVM_SET_USER_MEMORY_REGION(2) with the simulator's host-memory rule.
     pub fn set_user_memory_region(
         &self,
@@ -79,7 +73,7 @@ impl Vm {
         if st.vcpus.contains_key(&id) {
             return Err(Errno::EEXIST);
         }
-        let vcpu = Vcpu::new(self.arc(), id)?;
+        let vcpu = Vcpu::new(self.self_ref.clone(), id)?;
         st.vcpus.insert(id, vcpu.clone());
         Ok(vcpu)
     }

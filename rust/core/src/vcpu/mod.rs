@@ -1,10 +1,9 @@
 //! The vCPU: its architectural state, its mmap area and its ioctls.
 
-#[path = "sregs_tmp.rs"]
 pub mod sregs;
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::errno::{Errno, Result};
 use crate::hostmem::SharedMapping;
@@ -28,10 +27,11 @@ pub struct VcpuState {
 }
 
 impl VcpuState {
-    pub fn reset() -> Self {
+    /// The state after KVM_CREATE_VCPU; only vCPU 0 is the bootstrap processor.
+    pub fn reset(bsp: bool) -> Self {
         VcpuState {
             regs: sregs::reset_regs(),
-            sregs: sregs::reset_sregs(),
+            sregs: sregs::reset_sregs_for(bsp),
             features: CpuFeatures::default(),
         }
     }
@@ -40,7 +40,8 @@ impl VcpuState {
 /// One vCPU of a VM.
 pub struct Vcpu {
     pub id: u32,
-    vm: Arc<Vm>,
+    /// The VM owns its vCPUs; a vCPU file keeps the VM alive through its fd entry.
+    vm: Weak<Vm>,
     state: Mutex<VcpuState>,
     /// The mmap area (kvm_run at offset 0), shared with userspace through `memfd`.
     run: SharedMapping,
@@ -55,7 +56,7 @@ impl std::fmt::Debug for Vcpu {
 
 impl Vcpu {
     /// Create the vCPU and its mmap area, backed by a memfd that userspace can map.
-    pub fn new(vm: Arc<Vm>, id: u32) -> Result<Arc<Vcpu>> {
+    pub fn new(vm: Weak<Vm>, id: u32) -> Result<Arc<Vcpu>> {
         let name = format!("kvmmmu-vcpu:{id}");
         let memfd = nix::sys::memfd::memfd_create(
             std::ffi::CString::new(name)
@@ -69,14 +70,15 @@ impl Vcpu {
         Ok(Arc::new(Vcpu {
             id,
             vm,
-            state: Mutex::new(VcpuState::reset()),
+            state: Mutex::new(VcpuState::reset(id == 0)),
             run,
             memfd,
         }))
     }
 
-    pub fn vm(&self) -> &Arc<Vm> {
-        &self.vm
+    /// The VM, while it exists (it does as long as any of its files is open).
+    pub fn vm(&self) -> Option<Arc<Vm>> {
+        self.vm.upgrade()
     }
 
     /// The memfd behind the mmap area (the vCPU "file").
@@ -109,9 +111,7 @@ impl Vcpu {
     pub fn set_sregs(&self, new: &kvm_sregs) -> Result<()> {
         let mut st = self.state();
         let features = st.features;
-        sregs::check_sregs(&features, new)?;
-        sregs::apply_sregs(&features, &mut st.sregs, new);
-        Ok(())
+        sregs::set_sregs(&features, &mut st.sregs, new)
     }
 
     /// vCPU ioctl dispatch (kvm_vcpu_ioctl + kvm_arch_vcpu_ioctl).

@@ -1,0 +1,201 @@
+"""The ``kvmmmu`` command: a guided tour, the capability list, and conformance runs."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from collections.abc import Sequence
+
+from . import uapi
+from ._core import GuestMemory
+from .api import Kvm
+from .conformance import CASES, run_case
+from .transport import DEFAULT_PATH, device_available
+
+GiB = 1 << 30
+TiB = 1 << 40
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return -1
+
+
+def _try(what: str, fn: object) -> None:
+    try:
+        fn()  # type: ignore[operator]
+        print(f"    {what}: ok")
+    except OSError as e:
+        print(f"    {what}: {errno.errorcode.get(e.errno or 0, e.errno)} ({type(e).__name__})")
+
+
+def _long_mode_sregs(s: uapi.kvm_sregs) -> uapi.kvm_sregs:
+    """Flat 64-bit segments, paging on: the state a 64-bit guest starts in."""
+    code = dict(base=0, limit=0xFFFFFFFF, selector=8, type=11, present=1, s=1, l=1, g=1)
+    data = dict(base=0, limit=0xFFFFFFFF, selector=16, type=3, present=1, s=1, db=1, g=1)
+    s.cs.update(code)
+    for seg in (s.ds, s.es, s.fs, s.gs, s.ss):
+        seg.update(data)
+    s.cr0 = 0x80050033  # PG WP NE ET MP PE
+    s.cr3 = 0x1000
+    s.cr4 = 0x20  # PAE
+    s.efer = 0xD00  # NXE LMA LME
+    return s
+
+
+def tour(kvm: Kvm, list_caps: bool = True) -> None:
+    print(
+        f"  {kvm!r}: KVM_GET_API_VERSION = {kvm.get_api_version()}, "
+        f"KVM_GET_VCPU_MMAP_SIZE = {kvm.get_vcpu_mmap_size()}"
+    )
+    caps = kvm.capabilities()
+    if not list_caps:
+        print(f"  {len(caps)} capabilities are non-zero (`kvmmmu caps --device` lists them)")
+    else:
+        print(
+            f"  {len(caps)} capabilities are non-zero (the simulator reports what it implements):"
+        )
+        for name, v in caps.items():
+            print(f"    {name.removeprefix('KVM_CAP_'):32} {v}")
+
+    with kvm.create_vm() as vm:
+        mem = GuestMemory(1 * GiB)
+        rom = GuestMemory(64 << 10)
+        print(f"\n  memory slots on {vm!r}")
+        vm.set_user_memory_region(0, 0, mem.size, mem)
+        print(f"    slot 0: gpa 0..1 GiB -> {mem!r}")
+        vm.set_user_memory_region(1, 0xFFFF0000, rom.size, rom, uapi.KVM_MEM_READONLY)
+        print("    slot 1: gpa 0xffff0000, 64 KiB, KVM_MEM_READONLY")
+        _try("slot 2 overlapping slot 0", lambda: vm.set_user_memory_region(2, GiB // 2, 4096, mem))
+        _try(
+            "slot 2 with an unaligned gpa",
+            lambda: vm.set_user_memory_region(2, 4 * GiB + 1, 4096, mem),
+        )
+        _try("resize slot 0", lambda: vm.set_user_memory_region(0, 0, 2 * GiB, mem))
+        _try(
+            "turn on dirty logging for slot 0",
+            lambda: vm.set_user_memory_region(0, 0, mem.size, mem, uapi.KVM_MEM_LOG_DIRTY_PAGES),
+        )
+        _try(
+            "move slot 1 to 4 GiB",
+            lambda: vm.set_user_memory_region(1, 4 * GiB, rom.size, rom, uapi.KVM_MEM_READONLY),
+        )
+        _try("close guest memory while a slot uses it", mem.close)
+
+        with vm.create_vcpu(0) as vcpu:
+            regs = vcpu.get_regs()
+            sregs = vcpu.get_sregs()
+            print(
+                f"\n  {vcpu!r} after reset: rip={regs.rip:#x} rflags={regs.rflags:#x} "
+                f"cs.selector={sregs.cs.selector:#x} cs.base={sregs.cs.base:#x} "
+                f"cr0={sregs.cr0:#x}"
+            )
+            regs.rip, regs.rsp = 0x1000, 0x8000
+            vcpu.set_regs(regs)
+            vcpu.set_sregs(_long_mode_sregs(sregs))
+            s = vcpu.get_sregs()
+            print(
+                f"    long mode set: cr0={s.cr0:#x} cr4={s.cr4:#x} efer={s.efer:#x} cs.l={s.cs.l}"
+            )
+            bad = _long_mode_sregs(vcpu.get_sregs())
+            bad.cr4 &= ~0x20
+            _try("SET_SREGS with EFER.LMA but no CR4.PAE", lambda: vcpu.set_sregs(bad))
+            _try("KVM_GET_REGS with a NULL pointer", lambda: vcpu.ioctl(uapi.KVM_GET_REGS, 0))
+            print(
+                f"    kvm_run is mapped: exit_reason={vcpu.run.exit_reason}, "
+                f"immediate_exit={vcpu.run.immediate_exit}"
+            )
+        # the memory stays pinned until every descriptor of the VM is closed
+    mem.close()
+    rom.close()
+
+
+def demo(args: argparse.Namespace) -> int:
+    print("kvmmmu: a model of the x86 KVM MMU behind a software /dev/kvm\n")
+    print("== The simulator (kvmmmu.Kvm()) ==")
+    rss = _rss_kib()
+    big = GuestMemory(16 * TiB)
+    big.write(8 * TiB, b"touched")
+    print(
+        f"  GuestMemory(16 TiB) at {big.address:#x}: RSS grew by {_rss_kib() - rss} KiB "
+        "(MAP_NORESERVE: cost follows what is touched)"
+    )
+    big.close()
+    with Kvm() as kvm:
+        tour(kvm)
+
+    path = args.device
+    problem = None if path else "--no-device given"
+    if path:
+        problem = device_available(path)
+    print(f"\n== The device ({path or 'none'}) ==")
+    if problem:
+        print(f"  skipped: {problem}")
+        return 0
+    with Kvm(path) as dev:
+        tour(dev, list_caps=False)
+    print("\n== Conformance: the shared case table on both backends ==")
+    with Kvm() as sim, Kvm(path) as dev:
+        agree = 0
+        for case in CASES:
+            a, b = run_case(sim, case), run_case(dev, case)
+            if a == b or case.sim_expect is not None:
+                agree += a == b or (case.holds(a, "sim") and case.holds(b, "dev"))
+            else:
+                note = f" (documented: {case.why})" if case.sim_expect else ""
+                print(f"  differs: {case.name}: simulator {a}, device {b}{note}")
+        print(
+            f"  {agree} of {len(CASES)} cases give the same errno and value on both backends, "
+            "or differ exactly as documented"
+        )
+    return 0
+
+
+def caps(args: argparse.Namespace) -> int:
+    with Kvm(args.device) if args.device else Kvm() as kvm:
+        for name, v in kvm.capabilities().items():
+            print(f"{name:40} {v}")
+    return 0
+
+
+def conformance(args: argparse.Namespace) -> int:
+    problem = device_available(args.device)
+    if problem:
+        print(f"no device to compare with: {problem}", file=sys.stderr)
+        return 2
+    bad = 0
+    with Kvm() as sim, Kvm(args.device) as dev:
+        for case in CASES:
+            a, b = run_case(sim, case), run_case(dev, case)
+            status = "same" if a == b else ("documented" if case.sim_expect else "DIFFERS")
+            bad += status == "DIFFERS"
+            if args.verbose or status != "same":
+                print(f"{status:10} {case.name:50} sim={a} dev={b}")
+    print(f"{len(CASES) - bad} of {len(CASES)} cases agree or differ as documented")
+    return 1 if bad else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kvmmmu", description=__doc__)
+    sub = p.add_subparsers(dest="cmd")
+    d = sub.add_parser("demo", help="a guided tour on the simulator and the device (default)")
+    d.add_argument("--device", default=DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else "")
+    d.add_argument("--no-device", dest="device", action="store_const", const="")
+    c = sub.add_parser("caps", help="the capability list (simulator, or --device PATH)")
+    c.add_argument("--device", default="")
+    k = sub.add_parser("conformance", help="run the case table on both backends")
+    k.add_argument("--device", default=DEFAULT_PATH)
+    k.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if args.cmd is None:
+        args = p.parse_args(["demo", *(argv or sys.argv[1:])])
+    return {"demo": demo, "caps": caps, "conformance": conformance}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
