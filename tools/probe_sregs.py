@@ -40,21 +40,54 @@ KVM_SET_SREGS2 = 0x4140AECD
 
 # ---------------------------------------------------------------- layouts
 SEGS = ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"]
-SEG_FIELDS = ["base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g",
-              "avl", "unusable", "padding"]
+SEG_FIELDS = [
+    "base",
+    "limit",
+    "selector",
+    "type",
+    "present",
+    "dpl",
+    "db",
+    "s",
+    "l",
+    "g",
+    "avl",
+    "unusable",
+    "padding",
+]
 SEG_FMT = "<QIH10B"  # 24 bytes
 DT_FMT = "<QH3H"  # 16 bytes
 CRS = ["cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"]
 SREGS_SIZE = 312
 SREGS2_SIZE = 320
-REGS = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
-        "r12", "r13", "r14", "r15", "rip", "rflags"]
+REGS = [
+    "rax",
+    "rbx",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+    "rsp",
+    "rbp",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
+    "rip",
+    "rflags",
+]
 assert struct.calcsize(SEG_FMT) == 24 and struct.calcsize(DT_FMT) == 16
 
-SREG_ORDER = ([f"{s}.{f}" for s in SEGS for f in SEG_FIELDS]
-              + [f"{d}.{f}" for d in ("gdt", "idt") for f in ("base", "limit", "pad0", "pad1",
-                                                                "pad2")]
-              + CRS + [f"interrupt_bitmap[{i}]" for i in range(4)])
+SREG_ORDER = (
+    [f"{s}.{f}" for s in SEGS for f in SEG_FIELDS]
+    + [f"{d}.{f}" for d in ("gdt", "idt") for f in ("base", "limit", "pad0", "pad1", "pad2")]
+    + CRS
+    + [f"interrupt_bitmap[{i}]" for i in range(4)]
+)
 
 
 def unpack_sregs(buf, v2=False):
@@ -62,13 +95,20 @@ def unpack_sregs(buf, v2=False):
     off = 0
     for s in SEGS:
         vals = struct.unpack_from(SEG_FMT, buf, off)
-        for f, v in zip(SEG_FIELDS, vals):
+        for f, v in zip(SEG_FIELDS, vals, strict=False):
             d[f"{s}.{f}"] = v
         off += 24
     for t in ("gdt", "idt"):
         base, limit, p0, p1, p2 = struct.unpack_from(DT_FMT, buf, off)
-        d.update({f"{t}.base": base, f"{t}.limit": limit, f"{t}.pad0": p0, f"{t}.pad1": p1,
-                  f"{t}.pad2": p2})
+        d.update(
+            {
+                f"{t}.base": base,
+                f"{t}.limit": limit,
+                f"{t}.pad0": p0,
+                f"{t}.pad1": p1,
+                f"{t}.pad2": p2,
+            }
+        )
         off += 16
     assert off == 224
     for i, name in enumerate(CRS):
@@ -87,12 +127,24 @@ def pack_sregs(d, v2=False):
     buf = bytearray(SREGS2_SIZE if v2 else SREGS_SIZE)
     off = 0
     for s in SEGS:
-        struct.pack_into(SEG_FMT, buf, off, *[d[f"{s}.{f}"] & _mask(SEG_FMT, i)
-                                             for i, f in enumerate(SEG_FIELDS)])
+        struct.pack_into(
+            SEG_FMT,
+            buf,
+            off,
+            *[d[f"{s}.{f}"] & _mask(SEG_FMT, i) for i, f in enumerate(SEG_FIELDS)],
+        )
         off += 24
     for t in ("gdt", "idt"):
-        struct.pack_into(DT_FMT, buf, off, d[f"{t}.base"], d[f"{t}.limit"], d[f"{t}.pad0"],
-                         d[f"{t}.pad1"], d[f"{t}.pad2"])
+        struct.pack_into(
+            DT_FMT,
+            buf,
+            off,
+            d[f"{t}.base"],
+            d[f"{t}.limit"],
+            d[f"{t}.pad0"],
+            d[f"{t}.pad1"],
+            d[f"{t}.pad2"],
+        )
         off += 16
     for i, name in enumerate(CRS):
         struct.pack_into("<Q", buf, 224 + 8 * i, d[name] & (2**64 - 1))
@@ -113,7 +165,7 @@ def _mask(fmt, i):
 
 
 def unpack_regs(buf):
-    return dict(zip(REGS, struct.unpack("<18Q", buf)))
+    return dict(zip(REGS, struct.unpack("<18Q", buf), strict=False))
 
 
 def pack_regs(d):
@@ -198,7 +250,16 @@ class Vcpu:
 
 # ---------------------------------------------------------------- states
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_AM, CR0_NW, CR0_CD, CR0_PG = (
-    1, 2, 0x10, 0x20, 1 << 16, 1 << 18, 1 << 29, 1 << 30, 1 << 31)
+    1,
+    2,
+    0x10,
+    0x20,
+    1 << 16,
+    1 << 18,
+    1 << 29,
+    1 << 30,
+    1 << 31,
+)
 CR4_PAE = 1 << 5
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
 
@@ -208,8 +269,21 @@ LM64_EFER = 0xD01  # NXE|LMA|LME|SCE
 
 
 def flat(sel, typ, s=1, l=0, db=1, limit=0xFFFFFFFF, g=1, dpl=0):
-    return {"base": 0, "limit": limit, "selector": sel, "type": typ, "present": 1, "dpl": dpl,
-            "db": db, "s": s, "l": l, "g": g, "avl": 0, "unusable": 0, "padding": 0}
+    return {
+        "base": 0,
+        "limit": limit,
+        "selector": sel,
+        "type": typ,
+        "present": 1,
+        "dpl": dpl,
+        "db": db,
+        "s": s,
+        "l": l,
+        "g": g,
+        "avl": 0,
+        "unusable": 0,
+        "padding": 0,
+    }
 
 
 def seg_mods(name, seg):
@@ -307,24 +381,80 @@ def run_case(dev, name, base, mods, pre=(), irqchip=False, cpuid=False, group=""
             d = diff(new, after)
         else:
             d = diff(before, after)
-    r = {"group": group, "name": name, "base": base, "input": mods_text(mods),
-         "pre": "; ".join(mods_text(p) for p in pre), "errno": errno.errorcode.get(e, e) if e
-         else "0", "readback": d, "cpuid": cpuid, "irqchip": irqchip}
+    r = {
+        "group": group,
+        "name": name,
+        "base": base,
+        "input": mods_text(mods),
+        "pre": "; ".join(mods_text(p) for p in pre),
+        "errno": errno.errorcode.get(e, e) if e else "0",
+        "readback": d,
+        "cpuid": cpuid,
+        "irqchip": irqchip,
+    }
     RESULTS.append(r)
     return r
 
 
 def bit_name(reg, i):
     names = {
-        "cr0": {0: "PE", 1: "MP", 2: "EM", 3: "TS", 4: "ET", 5: "NE", 16: "WP", 18: "AM",
-                29: "NW", 30: "CD", 31: "PG"},
-        "cr4": {0: "VME", 1: "PVI", 2: "TSD", 3: "DE", 4: "PSE", 5: "PAE", 6: "MCE", 7: "PGE",
-                8: "PCE", 9: "OSFXSR", 10: "OSXMMEXCPT", 11: "UMIP", 12: "LA57", 13: "VMXE",
-                14: "SMXE", 15: "(15)", 16: "FSGSBASE", 17: "PCIDE", 18: "OSXSAVE", 19: "KL",
-                20: "SMEP", 21: "SMAP", 22: "PKE", 23: "CET", 24: "PKS", 25: "UINTR",
-                27: "LASS", 28: "LAM_SUP", 32: "FRED"},
-        "efer": {0: "SCE", 8: "LME", 10: "LMA", 11: "NXE", 12: "SVME", 13: "LMSLE",
-                 14: "FFXSR", 15: "TCE", 17: "MCOMMIT", 18: "INTWB", 20: "AUTOIBRS"},
+        "cr0": {
+            0: "PE",
+            1: "MP",
+            2: "EM",
+            3: "TS",
+            4: "ET",
+            5: "NE",
+            16: "WP",
+            18: "AM",
+            29: "NW",
+            30: "CD",
+            31: "PG",
+        },
+        "cr4": {
+            0: "VME",
+            1: "PVI",
+            2: "TSD",
+            3: "DE",
+            4: "PSE",
+            5: "PAE",
+            6: "MCE",
+            7: "PGE",
+            8: "PCE",
+            9: "OSFXSR",
+            10: "OSXMMEXCPT",
+            11: "UMIP",
+            12: "LA57",
+            13: "VMXE",
+            14: "SMXE",
+            15: "(15)",
+            16: "FSGSBASE",
+            17: "PCIDE",
+            18: "OSXSAVE",
+            19: "KL",
+            20: "SMEP",
+            21: "SMAP",
+            22: "PKE",
+            23: "CET",
+            24: "PKS",
+            25: "UINTR",
+            27: "LASS",
+            28: "LAM_SUP",
+            32: "FRED",
+        },
+        "efer": {
+            0: "SCE",
+            8: "LME",
+            10: "LMA",
+            11: "NXE",
+            12: "SVME",
+            13: "LMSLE",
+            14: "FFXSR",
+            15: "TCE",
+            17: "MCOMMIT",
+            18: "INTWB",
+            20: "AUTOIBRS",
+        },
     }
     return names.get(reg, {}).get(i, "")
 
@@ -335,8 +465,14 @@ def sweep(dev, reg, cpuid=False, bases=("lm64", "reset")):
     for i in range(64):
         row = {"bit": i, "name": bit_name(reg, i)}
         for b in bases:
-            r = run_case(dev, f"{reg} ^ bit {i}", b, {f"^{reg}": 1 << i}, cpuid=cpuid,
-                         group=f"sweep-{reg}{'-cpuid' if cpuid else ''}")
+            r = run_case(
+                dev,
+                f"{reg} ^ bit {i}",
+                b,
+                {f"^{reg}": 1 << i},
+                cpuid=cpuid,
+                group=f"sweep-{reg}{'-cpuid' if cpuid else ''}",
+            )
             row[b] = r
         rows.append(row)
     return rows
@@ -349,14 +485,29 @@ def all_cases(dev):
     out["sweep_cr4_cpuid"] = sweep(dev, "cr4", cpuid=True)
     out["sweep_efer"] = sweep(dev, "efer")
     out["sweep_cr3"] = [
-        {"bit": i, "name": "", **{b: run_case(dev, f"cr3 ^ bit {i}", b, {"^cr3": 1 << i},
-                                              group="sweep-cr3") for b in ("lm64", "pm32")}}
-        for i in list(range(0, 12)) + list(range(32, 64))]
+        {
+            "bit": i,
+            "name": "",
+            **{
+                b: run_case(dev, f"cr3 ^ bit {i}", b, {"^cr3": 1 << i}, group="sweep-cr3")
+                for b in ("lm64", "pm32")
+            },
+        }
+        for i in list(range(0, 12)) + list(range(32, 64))
+    ]
     out["sweep_cr3_cpuid"] = [
-        {"bit": i, "name": "", **{b: run_case(dev, f"cr3 ^ bit {i}", b, {"^cr3": 1 << i},
-                                              cpuid=True, group="sweep-cr3-cpuid")
-                                  for b in ("lm64", "pm32")}}
-        for i in range(32, 64)]
+        {
+            "bit": i,
+            "name": "",
+            **{
+                b: run_case(
+                    dev, f"cr3 ^ bit {i}", b, {"^cr3": 1 << i}, cpuid=True, group="sweep-cr3-cpuid"
+                )
+                for b in ("lm64", "pm32")
+            },
+        }
+        for i in range(32, 64)
+    ]
 
     C = []  # (group, name, base, mods, pre, kwargs)
 
@@ -381,10 +532,13 @@ def all_cases(dev):
     c(g, "CR0 reserved bits 6-15,17,19-28", "pm32", {"|cr0": 0x1FFAFFC0})
     c(g, "legacy 32-bit paging (PG, no PAE, no LME)", "pm32", {"|cr0": CR0_PG, "cr3": 0x2000})
     c(g, "legacy 32-bit paging + PSE", "pm32", {"|cr0": CR0_PG, "cr4": 0x10, "cr3": 0x2000})
-    c(g, "PAE paging (PG, PAE, no LME)", "pm32", {"|cr0": CR0_PG, "cr4": CR4_PAE,
-                                                   "cr3": 0x2000})
-    c(g, "PAE paging + NXE", "pm32", {"|cr0": CR0_PG, "cr4": CR4_PAE, "efer": EFER_NXE,
-                                       "cr3": 0x2000})
+    c(g, "PAE paging (PG, PAE, no LME)", "pm32", {"|cr0": CR0_PG, "cr4": CR4_PAE, "cr3": 0x2000})
+    c(
+        g,
+        "PAE paging + NXE",
+        "pm32",
+        {"|cr0": CR0_PG, "cr4": CR4_PAE, "efer": EFER_NXE, "cr3": 0x2000},
+    )
     c(g, "LME+PG without LMA", "lm64", {"&~efer": EFER_LMA})
     c(g, "LME+PG+LMA without PAE", "lm64", {"&~cr4": CR4_PAE})
     c(g, "LME+PG without LMA and PAE", "lm64", {"&~efer": EFER_LMA, "&~cr4": CR4_PAE})
@@ -400,10 +554,13 @@ def all_cases(dev):
     c(g, "CS.L without LMA (pm32)", "pm32", {"cs.l": 1, "cs.db": 0})
     c(g, "CS.L without LMA (reset)", "reset", {"cs.l": 1})
     c(g, "CS.L=1 DB=1 without LMA", "pm32", {"cs.l": 1})
-    c(g, "CS.L with legacy paging (PG, LME=0)", "pm32", {"|cr0": CR0_PG, "cs.l": 1,
-                                                         "cs.db": 0})
-    c(g, "CS.L with LME but PG=0", "pm32", {"efer": EFER_LME, "cr4": CR4_PAE, "cs.l": 1,
-                                             "cs.db": 0})
+    c(g, "CS.L with legacy paging (PG, LME=0)", "pm32", {"|cr0": CR0_PG, "cs.l": 1, "cs.db": 0})
+    c(
+        g,
+        "CS.L with LME but PG=0",
+        "pm32",
+        {"efer": EFER_LME, "cr4": CR4_PAE, "cs.l": 1, "cs.db": 0},
+    )
     c(g, "lm64 without NXE", "lm64", {"&~efer": EFER_NXE})
     c(g, "lm64 without WP", "lm64", {"&~cr0": CR0_WP})
     c(g, "lm64 CR4.PAE cleared while LMA=1 (PG=1)", "lm64", {"cr4": 0})
@@ -414,20 +571,45 @@ def all_cases(dev):
     c(g, "CR4.PCIDE without LMA (pm32)", "pm32", {"|cr4": 1 << 17})
     c(g, "CR4.PCIDE without LMA, CR3 low bits", "pm32", {"|cr4": 1 << 17, "cr3": 0x1005})
     c(g, "CR4.PCIDE in lm64 (after SET_CPUID2)", "lm64", {"|cr4": 1 << 17}, cpuid=True)
-    c(g, "CR4.PCIDE lm64 CR3=0x1005 (after SET_CPUID2)", "lm64",
-      {"|cr4": 1 << 17, "cr3": 0x1005}, cpuid=True)
+    c(
+        g,
+        "CR4.PCIDE lm64 CR3=0x1005 (after SET_CPUID2)",
+        "lm64",
+        {"|cr4": 1 << 17, "cr3": 0x1005},
+        cpuid=True,
+    )
     c(g, "CR4.PCIDE pm32 (after SET_CPUID2)", "pm32", {"|cr4": 1 << 17}, cpuid=True)
     c(g, "CR4.PKE in pm32 (no LMA)", "pm32", {"|cr4": 1 << 22})
     c(g, "CR4.SMEP|SMAP|PKE|UMIP|FSGSBASE|OSXSAVE lm64", "lm64", {"|cr4": 0x750800})
     c(g, "CR4.OSFXSR|OSXMMEXCPT|PGE|PSE lm64", "lm64", {"|cr4": 0x690})
-    c(g, "CR4.SMEP|SMAP|PKE|UMIP|FSGSBASE|OSXSAVE lm64 (after SET_CPUID2)", "lm64",
-      {"|cr4": 0x750800}, cpuid=True)
+    c(
+        g,
+        "CR4.SMEP|SMAP|PKE|UMIP|FSGSBASE|OSXSAVE lm64 (after SET_CPUID2)",
+        "lm64",
+        {"|cr4": 0x750800},
+        cpuid=True,
+    )
     c(g, "CR4.PSE in lm64", "lm64", {"|cr4": 0x10})
 
     g = "cr3"
-    for v in (0x1000, 0x1FFF, 0xFFF, 0x7FFFFFFFF000, 0xFFFFFFFFF000, 0x0000FFFFFFFFF000,
-              0x0FFFFFFFFFFFF000, 1 << 36, (1 << 36) - 0x1000, 1 << 47, 1 << 48, 1 << 50,
-              1 << 52, 1 << 62, 1 << 63, 0xFFFFFFFFFFFFFFFF):
+    for v in (
+        0x1000,
+        0x1FFF,
+        0xFFF,
+        0x7FFFFFFFF000,
+        0xFFFFFFFFF000,
+        0x0000FFFFFFFFF000,
+        0x0FFFFFFFFFFFF000,
+        1 << 36,
+        (1 << 36) - 0x1000,
+        1 << 47,
+        1 << 48,
+        1 << 50,
+        1 << 52,
+        1 << 62,
+        1 << 63,
+        0xFFFFFFFFFFFFFFFF,
+    ):
         c(g, f"cr3={hx(v)} in lm64", "lm64", {"cr3": v})
         c(g, f"cr3={hx(v)} in pm32 (no paging)", "pm32", {"cr3": v})
     for v in (1 << 47, 1 << 48, 1 << 62, 1 << 63):
@@ -439,44 +621,87 @@ def all_cases(dev):
         c(g, f"cr2={hx(v)} lm64", "lm64", {"cr2": v})
 
     g = "cr8"
-    for v in list(range(0, 17)) + [0x17, 0x1F, 0xFF, 1 << 32, 1 << 63]:
+    for v in [*list(range(0, 17)), 23, 31, 255, 1 << 32, 1 << 63]:
         c(g, f"cr8={hx(v)}", "reset", {"cr8": v})
     for v in (0x10, 0x17, 0xFF, 1 << 63, 0):
         c(g, f"cr8=5 then cr8={hx(v)}", "reset", {"cr8": v}, pre=({"cr8": 5},))
     c(g, "cr8=0x17 lm64", "lm64", {"cr8": 0x17})
     c(g, "cr8=9 with irqchip", "reset", {"cr8": 9}, irqchip=True)
-    c(g, "cr8=5 then 0x17 with irqchip", "reset", {"cr8": 0x17}, pre=({"cr8": 5},),
-      irqchip=True)
+    c(g, "cr8=5 then 0x17 with irqchip", "reset", {"cr8": 0x17}, pre=({"cr8": 5},), irqchip=True)
 
     g = "apic_base"
-    for v in (0, 0xFEE00000, 0xFEE00100, 0xFEE00800, 0xFEE00900, 0xFEE00C00, 0xFEE00D00,
-              0xFEE00400, 0xFEE00500, 0x12345000, 0x12345900, 0xFEE00001, 0xFEE00080,
-              0xFEE00200, 0xFEE00A00, 0xFFFFF000, 0xF00000000, 0x1000000000, 0xFFFFFFFFF000,
-              0x1000000000000, 0x8000000000000000):
+    for v in (
+        0,
+        0xFEE00000,
+        0xFEE00100,
+        0xFEE00800,
+        0xFEE00900,
+        0xFEE00C00,
+        0xFEE00D00,
+        0xFEE00400,
+        0xFEE00500,
+        0x12345000,
+        0x12345900,
+        0xFEE00001,
+        0xFEE00080,
+        0xFEE00200,
+        0xFEE00A00,
+        0xFFFFF000,
+        0xF00000000,
+        0x1000000000,
+        0xFFFFFFFFF000,
+        0x1000000000000,
+        0x8000000000000000,
+    ):
         c(g, f"apic_base={hx(v)}", "reset", {"apic_base": v})
-    c(g, "apic_base=0xfee00900 then 0xfee00800 (BSP cleared)", "reset",
-      {"apic_base": 0xFEE00800}, pre=({"apic_base": 0xFEE00900},))
+    c(
+        g,
+        "apic_base=0xfee00900 then 0xfee00800 (BSP cleared)",
+        "reset",
+        {"apic_base": 0xFEE00800},
+        pre=({"apic_base": 0xFEE00900},),
+    )
     c(g, "apic_base ^ BSP", "reset", {"^apic_base": 0x100})
-    c(g, "apic_base=0x1000000000 (after SET_CPUID2)", "reset", {"apic_base": 1 << 36},
-      cpuid=True)
-    c(g, "apic_base=0x1000000000000 (after SET_CPUID2)", "reset", {"apic_base": 1 << 48},
-      cpuid=True)
-    c(g, "apic_base=0xfee00d00 x2apic (after SET_CPUID2)", "reset",
-      {"apic_base": 0xFEE00D00}, cpuid=True)
-    c(g, "apic_base=0xfee00400 EXTD only (after SET_CPUID2)", "reset",
-      {"apic_base": 0xFEE00400}, cpuid=True)
-    c(g, "apic_base=0x400000000000 bit 46 (after SET_CPUID2)", "reset",
-      {"apic_base": 1 << 46}, cpuid=True)
-    c(g, "apic_base=0x200000000000 bit 45 (after SET_CPUID2)", "reset",
-      {"apic_base": 1 << 45}, cpuid=True)
-    c(g, "apic_base=0xfee00900 with irqchip", "reset", {"apic_base": 0xFEE00900},
-      irqchip=True)
-    c(g, "apic_base=0xfee00000 with irqchip", "reset", {"apic_base": 0xFEE00000},
-      irqchip=True)
-    c(g, "apic_base=0x12345900 with irqchip", "reset", {"apic_base": 0x12345900},
-      irqchip=True)
-    c(g, "apic_base=0xfee00d00 with irqchip", "reset", {"apic_base": 0xFEE00D00},
-      irqchip=True)
+    c(g, "apic_base=0x1000000000 (after SET_CPUID2)", "reset", {"apic_base": 1 << 36}, cpuid=True)
+    c(
+        g,
+        "apic_base=0x1000000000000 (after SET_CPUID2)",
+        "reset",
+        {"apic_base": 1 << 48},
+        cpuid=True,
+    )
+    c(
+        g,
+        "apic_base=0xfee00d00 x2apic (after SET_CPUID2)",
+        "reset",
+        {"apic_base": 0xFEE00D00},
+        cpuid=True,
+    )
+    c(
+        g,
+        "apic_base=0xfee00400 EXTD only (after SET_CPUID2)",
+        "reset",
+        {"apic_base": 0xFEE00400},
+        cpuid=True,
+    )
+    c(
+        g,
+        "apic_base=0x400000000000 bit 46 (after SET_CPUID2)",
+        "reset",
+        {"apic_base": 1 << 46},
+        cpuid=True,
+    )
+    c(
+        g,
+        "apic_base=0x200000000000 bit 45 (after SET_CPUID2)",
+        "reset",
+        {"apic_base": 1 << 45},
+        cpuid=True,
+    )
+    c(g, "apic_base=0xfee00900 with irqchip", "reset", {"apic_base": 0xFEE00900}, irqchip=True)
+    c(g, "apic_base=0xfee00000 with irqchip", "reset", {"apic_base": 0xFEE00000}, irqchip=True)
+    c(g, "apic_base=0x12345900 with irqchip", "reset", {"apic_base": 0x12345900}, irqchip=True)
+    c(g, "apic_base=0xfee00d00 with irqchip", "reset", {"apic_base": 0xFEE00D00}, irqchip=True)
 
     g = "interrupt_bitmap"
     for bits in ((0,), (32,), (255,), (3, 200), (64,)):
@@ -488,8 +713,13 @@ def all_cases(dev):
             m[f"interrupt_bitmap[{i}]"] = words[i]
         c(g, f"vector(s) {bits} (reset)", "reset", m)
         c(g, f"vector(s) {bits} (lm64)", "lm64", m)
-    c(g, "vector 33 then all clear", "reset", {f"interrupt_bitmap[{i}]": 0 for i in range(4)},
-      pre=({"interrupt_bitmap[0]": 1 << 33},))
+    c(
+        g,
+        "vector 33 then all clear",
+        "reset",
+        {f"interrupt_bitmap[{i}]": 0 for i in range(4)},
+        pre=({"interrupt_bitmap[0]": 1 << 33},),
+    )
 
     g = "segments"
     for s in ("cs", "ds", "ss", "es", "fs", "gs", "tr", "ldt"):
@@ -507,17 +737,24 @@ def all_cases(dev):
     c(g, "ds.present=2", "lm64", {"ds.present": 2})
     c(g, "ds.dpl=4", "lm64", {"ds.dpl": 4})
     c(g, "ds.dpl=3", "lm64", {"ds.dpl": 3})
-    c(g, "ds.s=2, db=2, l=2, g=2, avl=2", "lm64", {"ds.s": 2, "ds.db": 2, "ds.l": 2,
-                                                   "ds.g": 2, "ds.avl": 2})
+    c(
+        g,
+        "ds.s=2, db=2, l=2, g=2, avl=2",
+        "lm64",
+        {"ds.s": 2, "ds.db": 2, "ds.l": 2, "ds.g": 2, "ds.avl": 2},
+    )
     c(g, "ds.avl=1", "lm64", {"ds.avl": 1})
     c(g, "ds.padding=0xff", "lm64", {"ds.padding": 0xFF})
     c(g, "ds.unusable=2", "lm64", {"ds.unusable": 2})
     c(g, "cs.dpl=3, ss.dpl=0 (mismatch)", "lm64", {"cs.dpl": 3})
     c(g, "cs.dpl=3, ss.dpl=3", "lm64", {"cs.dpl": 3, "ss.dpl": 3})
     c(g, "cs.dpl=0, ss.dpl=3", "lm64", {"ss.dpl": 3})
-    c(g, "cs.dpl=3 ss.dpl=3, selectors RPL 3", "lm64", {"cs.dpl": 3, "ss.dpl": 3,
-                                                          "cs.selector": 0x2B,
-                                                          "ss.selector": 0x23})
+    c(
+        g,
+        "cs.dpl=3 ss.dpl=3, selectors RPL 3",
+        "lm64",
+        {"cs.dpl": 3, "ss.dpl": 3, "cs.selector": 0x2B, "ss.selector": 0x23},
+    )
     c(g, "cs.dpl=2 (pm32)", "pm32", {"cs.dpl": 2})
     c(g, "ss.dpl=1 (pm32)", "pm32", {"ss.dpl": 1})
     c(g, "cs.l=1 cs.db=0 (lm64, normal)", "lm64", {"cs.l": 1, "cs.db": 0})
@@ -532,9 +769,18 @@ def all_cases(dev):
     c(g, "ds.limit=0xffffffff g=0", "lm64", {"ds.limit": 0xFFFFFFFF, "ds.g": 0})
     c(g, "ds.limit=0x1234 g=1", "lm64", {"ds.limit": 0x1234, "ds.g": 1})
     c(g, "tr.s=1", "lm64", {"tr.s": 1})
-    c(g, "ldt selector 0x28 present type 2", "lm64", {"ldt.selector": 0x28,
-                                                      "ldt.present": 1, "ldt.type": 2,
-                                                      "ldt.unusable": 0, "ldt.limit": 0xFF})
+    c(
+        g,
+        "ldt selector 0x28 present type 2",
+        "lm64",
+        {
+            "ldt.selector": 0x28,
+            "ldt.present": 1,
+            "ldt.type": 2,
+            "ldt.unusable": 0,
+            "ldt.limit": 0xFF,
+        },
+    )
     c(g, "cs.selector=0xffff", "lm64", {"cs.selector": 0xFFFF})
     c(g, "ss.selector=0 (null SS in lm64)", "lm64", {"ss.selector": 0})
     c(g, "real mode cs.selector=0x1000 base mismatch", "reset", {"cs.selector": 0x1000})
@@ -543,8 +789,7 @@ def all_cases(dev):
     g = "dtables"
     c(g, "gdt.limit=0xffff", "lm64", {"gdt.limit": 0xFFFF})
     c(g, "idt.limit=0xffff", "lm64", {"idt.limit": 0xFFFF})
-    c(g, "gdt.padding nonzero", "lm64", {"gdt.pad0": 0x1234, "gdt.pad1": 0xFFFF,
-                                         "gdt.pad2": 1})
+    c(g, "gdt.padding nonzero", "lm64", {"gdt.pad0": 0x1234, "gdt.pad1": 0xFFFF, "gdt.pad2": 1})
     c(g, "idt.padding nonzero", "lm64", {"idt.pad0": 0x1234, "idt.pad2": 1})
     c(g, "gdt.base non-canonical", "lm64", {"gdt.base": 0x800000000000})
     c(g, "idt.base 0xffffffffffffffff", "lm64", {"idt.base": 0xFFFFFFFFFFFFFFFF})
@@ -556,12 +801,15 @@ def all_cases(dev):
     c(g, "EFER.SVME lm64", "lm64", {"|efer": 1 << 12})
     c(g, "EFER bit 20 lm64", "lm64", {"|efer": 1 << 20})
     c(g, "EFER all ones lm64", "lm64", {"efer": 0xFFFFFFFFFFFFFFFF})
-    c(g, "EFER all ones except LMA/LME from reset", "reset",
-      {"efer": 0xFFFFFFFFFFFFFFFF & ~(EFER_LMA | EFER_LME)})
+    c(
+        g,
+        "EFER all ones except LMA/LME from reset",
+        "reset",
+        {"efer": 0xFFFFFFFFFFFFFFFF & ~(EFER_LMA | EFER_LME)},
+    )
     c(g, "EFER.NXE only (pm32)", "pm32", {"efer": EFER_NXE})
     c(g, "EFER bit 63 (pm32)", "pm32", {"efer": 1 << 63})
-    c(g, "EFER.LME|NXE|SCE from reset (after SET_CPUID2)", "reset", {"efer": 0x901},
-      cpuid=True)
+    c(g, "EFER.LME|NXE|SCE from reset (after SET_CPUID2)", "reset", {"efer": 0x901}, cpuid=True)
     c(g, "EFER.SVME (after SET_CPUID2)", "reset", {"efer": 1 << 12}, cpuid=True)
     c(g, "EFER bit 20 (after SET_CPUID2)", "reset", {"efer": 1 << 20}, cpuid=True)
     c(g, "EFER bit 63 (after SET_CPUID2)", "reset", {"efer": 1 << 63}, cpuid=True)
@@ -588,8 +836,14 @@ def regs_cases(dev):
             e = v.set_regs(new)
             after = v.get_regs()
             d = diff(new, after, REGS) if e == 0 else diff(before, after, REGS)
-        rows.append({"name": name, "input": ", ".join(f"{k}={hx(x)}" for k, x in mods.items()),
-                     "errno": errno.errorcode.get(e, e) if e else "0", "readback": d})
+        rows.append(
+            {
+                "name": name,
+                "input": ", ".join(f"{k}={hx(x)}" for k, x in mods.items()),
+                "errno": errno.errorcode.get(e, e) if e else "0",
+                "readback": d,
+            }
+        )
 
     one("no change", {})
     one("rflags=0 (bit 1 cleared)", {"rflags": 0})
@@ -608,8 +862,7 @@ def regs_cases(dev):
     one("rip non-canonical, lm64", {"rip": 0x800000000000}, "lm64")
     one("rip 0xffffffffffffffff, real mode", {"rip": 0xFFFFFFFFFFFFFFFF})
     one("rax high bits in real mode", {"rax": 0xDEADBEEF12345678})
-    one("all GPRs set", {r: 0x1111111111111111 * (i % 15 + 1) for i, r in
-                         enumerate(REGS[:16])})
+    one("all GPRs set", {r: 0x1111111111111111 * (i % 15 + 1) for i, r in enumerate(REGS[:16])})
     one("rsp odd", {"rsp": 0x1001})
     return rows
 
@@ -618,9 +871,13 @@ def sregs2_cases(dev):
     rows = []
     with Vcpu(dev) as v:
         d = v.get_sregs2()
-        rows.append(("GET_SREGS2 on fresh vCPU", "0",
-                     f"flags={hx(d['flags'])}, pdptrs={[hx(d[f'pdptrs[{i}]']) for i in range(4)]}"
-                     ))
+        rows.append(
+            (
+                "GET_SREGS2 on fresh vCPU",
+                "0",
+                f"flags={hx(d['flags'])}, pdptrs={[hx(d[f'pdptrs[{i}]']) for i in range(4)]}",
+            )
+        )
 
     def one(name, mods, base="reset", base2=None):
         with Vcpu(dev) as v:
@@ -635,8 +892,9 @@ def sregs2_cases(dev):
             after = v.get_sregs2()
             order = SREG_ORDER[:-4] + ["flags"] + [f"pdptrs[{i}]" for i in range(4)]
             dd = diff(new, after, order) if e == 0 else diff(before, after, order)
-        rows.append((name + f" [{base}]", errno.errorcode.get(e, e) if e else "0",
-                     "; ".join(dd) or "—"))
+        rows.append(
+            (name + f" [{base}]", errno.errorcode.get(e, e) if e else "0", "; ".join(dd) or "—")
+        )
 
     one("flags=0 round trip", {})
     one("flags=1 (PDPTRS_VALID) not in PAE", {"flags": 1, "pdptrs[0]": 0x1001})
@@ -645,9 +903,11 @@ def sregs2_cases(dev):
     one("flags=1 in lm64", {"flags": 1, "pdptrs[0]": 0x1001}, base="lm64")
     one("flags=0 pdptrs nonzero", {"pdptrs[0]": 0x1001, "pdptrs[3]": 0x5001})
     pae = {"|cr0": CR0_PG, "cr4": CR4_PAE, "cr3": 0x2000}
-    one("PAE paging flags=1 pdptrs", dict(pae, flags=1, **{"pdptrs[0]": 0x3001,
-                                                              "pdptrs[1]": 0x4001}),
-        base="pm32")
+    one(
+        "PAE paging flags=1 pdptrs",
+        dict(pae, flags=1, **{"pdptrs[0]": 0x3001, "pdptrs[1]": 0x4001}),
+        base="pm32",
+    )
     one("PAE paging flags=0", dict(pae), base="pm32")
     one("CR8=0x17 via SREGS2", {"cr8": 0x17})
     return rows
@@ -680,19 +940,41 @@ def special_cases(dev):
             e = v.set_sregs(new)
             after = v.get_sregs()
             d = diff(new, after) if e == 0 else diff(before, after)
-        rows.append((name, errno.errorcode.get(e1, e1) if e1 else "0",
-                     errno.errorcode.get(e, e) if e else "0", "; ".join(d) or "—"))
+        rows.append(
+            (
+                name,
+                errno.errorcode.get(e1, e1) if e1 else "0",
+                errno.errorcode.get(e, e) if e else "0",
+                "; ".join(d) or "—",
+            )
+        )
 
     no_x2 = patched_cpuid(dev, leaf1_ecx_clear=1 << 21)
-    one("apic_base=0xfee00d00, CPUID loses X2APIC, SET_SREGS same apic_base",
-        {"apic_base": 0xFEE00D00}, no_x2, {})
-    one("apic_base=0xfee00d00, CPUID loses X2APIC, SET_SREGS apic_base=0xfee00c00",
-        {"apic_base": 0xFEE00D00}, no_x2, {"apic_base": 0xFEE00C00})
+    one(
+        "apic_base=0xfee00d00, CPUID loses X2APIC, SET_SREGS same apic_base",
+        {"apic_base": 0xFEE00D00},
+        no_x2,
+        {},
+    )
+    one(
+        "apic_base=0xfee00d00, CPUID loses X2APIC, SET_SREGS apic_base=0xfee00c00",
+        {"apic_base": 0xFEE00D00},
+        no_x2,
+        {"apic_base": 0xFEE00C00},
+    )
     m36 = patched_cpuid(dev, maxphyaddr=36)
-    one("apic_base=1<<40, CPUID MAXPHYADDR 36, SET_SREGS same apic_base",
-        {"apic_base": 1 << 40 | 0x900}, m36, {})
-    one("lm64 CR3=1<<40, CPUID MAXPHYADDR 36, SET_SREGS same CR3",
-        lm64_mods() | {"cr3": 1 << 40}, m36, {})
+    one(
+        "apic_base=1<<40, CPUID MAXPHYADDR 36, SET_SREGS same apic_base",
+        {"apic_base": 1 << 40 | 0x900},
+        m36,
+        {},
+    )
+    one(
+        "lm64 CR3=1<<40, CPUID MAXPHYADDR 36, SET_SREGS same CR3",
+        lm64_mods() | {"cr3": 1 << 40},
+        m36,
+        {},
+    )
     return rows
 
 
@@ -782,30 +1064,37 @@ def main():
     p()
     p(f"* kernel: `{uname.release}` ({uname.machine}), KVM API {dev.api}")
     p(f"* date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    p(f"* cases: {len(RESULTS)} SET_SREGS, {len(regs)} SET_REGS, {len(s2)} SREGS2; "
-      f"{elapsed:.1f} s")
-    p("* generated by `python3 tools/probe_sregs.py > docs/device-sregs.md` (standard library "
-      "only; needs read/write access to /dev/kvm).")
+    p(f"* cases: {len(RESULTS)} SET_SREGS, {len(regs)} SET_REGS, {len(s2)} SREGS2; {elapsed:.1f} s")
+    p(
+        "* generated by `python3 tools/probe_sregs.py > docs/device-sregs.md` (standard library "
+        "only; needs read/write access to /dev/kvm)."
+    )
     p()
-    p("Every case uses a fresh VM and vCPU (no KVM_CREATE_IRQCHIP and no KVM_SET_CPUID2 unless "
-      "the case says so). The input is built the way userspace does it: KVM_GET_SREGS, change "
-      "the named fields, KVM_SET_SREGS. The result is the errno (`0` = accepted) and the "
-      "read-back differences: after a successful set, every field whose KVM_GET_SREGS value "
-      "differs from what was set (`field: set→read`); after a failed set, every field that "
-      "differs from the state before the call (`—` = none, so a failed set changed nothing).")
+    p(
+        "Every case uses a fresh VM and vCPU (no KVM_CREATE_IRQCHIP and no KVM_SET_CPUID2 unless "
+        "the case says so). The input is built the way userspace does it: KVM_GET_SREGS, change "
+        "the named fields, KVM_SET_SREGS. The result is the errno (`0` = accepted) and the "
+        "read-back differences: after a successful set, every field whose KVM_GET_SREGS value "
+        "differs from what was set (`field: set→read`); after a failed set, every field that "
+        "differs from the state before the call (`—` = none, so a failed set changed nothing)."
+    )
     p()
-    p("Bases: **reset** = the fresh vCPU's state; **lm64** = reset plus "
-      f"CR0={hx(LM64_CR0)} (PG|AM|WP|NE|ET|MP|PE), CR4={hx(LM64_CR4)} (PAE), "
-      f"EFER={hx(LM64_EFER)} (NXE|LMA|LME|SCE), CR3=0x1000, CS=0x8 type 0xb L=1 DB=0, "
-      "data segments 0x10 type 3 flat, TR 0x18 type 0xb limit 0x67, GDT 0x500/0x1f, "
-      "IDT 0x1000/0xfff; **pm32** = the same without paging (CR0=0x10011, CR4=0, EFER=0, CS "
-      "DB=1). `x ^= b` toggles bits, `x \\|= b` sets them, `x &= ~b` clears them.")
+    p(
+        "Bases: **reset** = the fresh vCPU's state; **lm64** = reset plus "
+        f"CR0={hx(LM64_CR0)} (PG|AM|WP|NE|ET|MP|PE), CR4={hx(LM64_CR4)} (PAE), "
+        f"EFER={hx(LM64_EFER)} (NXE|LMA|LME|SCE), CR3=0x1000, CS=0x8 type 0xb L=1 DB=0, "
+        "data segments 0x10 type 3 flat, TR 0x18 type 0xb limit 0x67, GDT 0x500/0x1f, "
+        "IDT 0x1000/0xfff; **pm32** = the same without paging (CR0=0x10011, CR4=0, EFER=0, CS "
+        "DB=1). `x ^= b` toggles bits, `x \\|= b` sets them, `x &= ~b` clears them."
+    )
     p()
 
     p("## Summary")
     p()
-    p("Written by hand from the run on kernel `6.18.44-fc-v782` (PVM host, AMD EPYC); the "
-      "tables below are what this run measured, so compare them with it after a re-run.")
+    p(
+        "Written by hand from the run on kernel `6.18.44-fc-v782` (PVM host, AMD EPYC); the "
+        "tables below are what this run measured, so compare them with it after a re-run."
+    )
     p()
     for line in SUMMARY:
         p(f"* {line}")
@@ -817,19 +1106,22 @@ def main():
     p("| reg | value | with irqchip | after SET_CPUID2 |")
     p("| --- | --- | --- | --- |")
     for r in REGS:
-        p(f"| {r} | {hx(reset_regs[r])} | {hx(reset_regs_irq[r])} | "
-          f"{hx(reset_regs_cpuid[r])} |")
+        p(f"| {r} | {hx(reset_regs[r])} | {hx(reset_regs_irq[r])} | {hx(reset_regs_cpuid[r])} |")
     p()
     p("### kvm_sregs")
     p()
     p("| field | value | with irqchip | after SET_CPUID2 | vCPU id 1 |")
     p("| --- | --- | --- | --- | --- |")
     for k in SREG_ORDER:
-        p(f"| {k} | {hx(reset_sregs[k])} | {hx(reset_sregs_irq[k])} | "
-          f"{hx(reset_sregs_cpuid[k])} | {hx(reset_sregs_v1[k])} |")
+        p(
+            f"| {k} | {hx(reset_sregs[k])} | {hx(reset_sregs_irq[k])} | "
+            f"{hx(reset_sregs_cpuid[k])} | {hx(reset_sregs_v1[k])} |"
+        )
     p()
-    p(f"KVM_GET_SREGS2 on a fresh vCPU: flags={hx(reset_sregs2['flags'])}, pdptrs="
-      f"{[hx(reset_sregs2[f'pdptrs[{i}]']) for i in range(4)]}")
+    p(
+        f"KVM_GET_SREGS2 on a fresh vCPU: flags={hx(reset_sregs2['flags'])}, pdptrs="
+        f"{[hx(reset_sregs2[f'pdptrs[{i}]']) for i in range(4)]}"
+    )
     p()
 
     def sweep_table(title, rows, bases, note=""):
@@ -838,26 +1130,43 @@ def main():
         if note:
             p(note)
             p()
-        p("| bit | name | " + " | ".join(f"toggle in {b}: errno / read-back" for b in bases)
-          + " |")
+        p("| bit | name | " + " | ".join(f"toggle in {b}: errno / read-back" for b in bases) + " |")
         p("| --- | --- | " + " | ".join("---" for _ in bases) + " |")
         for row in rows:
-            p(f"| {row['bit']} | {row['name']} | "
-              + " | ".join(esc(cell(row[b])) for b in bases) + " |")
+            p(
+                f"| {row['bit']} | {row['name']} | "
+                + " | ".join(esc(cell(row[b])) for b in bases)
+                + " |"
+            )
         p()
 
-    sweep_table("2. CR0: every bit toggled", out["sweep_cr0"], ("lm64", "reset"),
-                f"lm64 CR0 = {hx(LM64_CR0)}; reset CR0 = {hx(reset_sregs['cr0'])}.")
-    sweep_table("3. CR4: every bit toggled (no SET_CPUID2)", out["sweep_cr4"],
-                ("lm64", "reset"))
-    sweep_table("4. CR4: every bit toggled, after KVM_SET_CPUID2(KVM_GET_SUPPORTED_CPUID)",
-                out["sweep_cr4_cpuid"], ("lm64", "reset"))
-    sweep_table("5. EFER: every bit toggled", out["sweep_efer"], ("lm64", "reset"),
-                f"lm64 EFER = {hx(LM64_EFER)}; reset EFER = {hx(reset_sregs['efer'])}.")
-    sweep_table("6. CR3: bits toggled (no SET_CPUID2)", out["sweep_cr3"], ("lm64", "pm32"),
-                "lm64 CR3 = 0x1000; pm32 CR3 = 0.")
-    sweep_table("7. CR3: high bits toggled after KVM_SET_CPUID2", out["sweep_cr3_cpuid"],
-                ("lm64", "pm32"))
+    sweep_table(
+        "2. CR0: every bit toggled",
+        out["sweep_cr0"],
+        ("lm64", "reset"),
+        f"lm64 CR0 = {hx(LM64_CR0)}; reset CR0 = {hx(reset_sregs['cr0'])}.",
+    )
+    sweep_table("3. CR4: every bit toggled (no SET_CPUID2)", out["sweep_cr4"], ("lm64", "reset"))
+    sweep_table(
+        "4. CR4: every bit toggled, after KVM_SET_CPUID2(KVM_GET_SUPPORTED_CPUID)",
+        out["sweep_cr4_cpuid"],
+        ("lm64", "reset"),
+    )
+    sweep_table(
+        "5. EFER: every bit toggled",
+        out["sweep_efer"],
+        ("lm64", "reset"),
+        f"lm64 EFER = {hx(LM64_EFER)}; reset EFER = {hx(reset_sregs['efer'])}.",
+    )
+    sweep_table(
+        "6. CR3: bits toggled (no SET_CPUID2)",
+        out["sweep_cr3"],
+        ("lm64", "pm32"),
+        "lm64 CR3 = 0x1000; pm32 CR3 = 0.",
+    )
+    sweep_table(
+        "7. CR3: high bits toggled after KVM_SET_CPUID2", out["sweep_cr3_cpuid"], ("lm64", "pm32")
+    )
 
     p("## 8. Other SET_SREGS cases")
     p()
@@ -905,8 +1214,10 @@ def main():
 
     p("## 11. CPUID changed between two KVM_SET_SREGS")
     p()
-    p("Each case: fresh vCPU, KVM_SET_CPUID2(supported), first SET_SREGS, then KVM_SET_CPUID2 "
-      "with a patched table, then a second SET_SREGS (get, change, set).")
+    p(
+        "Each case: fresh vCPU, KVM_SET_CPUID2(supported), first SET_SREGS, then KVM_SET_CPUID2 "
+        "with a patched table, then a second SET_SREGS (get, change, set)."
+    )
     p()
     p("| case | first set | second set | read-back differences |")
     p("| --- | --- | --- | --- |")
@@ -916,9 +1227,17 @@ def main():
 
     if jpath:
         with open(jpath, "w") as f:
-            json.dump({"kernel": uname.release, "reset_regs": reset_regs,
-                       "reset_sregs": reset_sregs, "cases": RESULTS, "regs": regs}, f,
-                      indent=1)
+            json.dump(
+                {
+                    "kernel": uname.release,
+                    "reset_regs": reset_regs,
+                    "reset_sregs": reset_sregs,
+                    "cases": RESULTS,
+                    "regs": regs,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":
