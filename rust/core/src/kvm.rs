@@ -6,7 +6,7 @@
 //! in /proc/self/fd with KVM-like names.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use crate::errno::{Errno, Result};
@@ -25,9 +25,10 @@ pub enum KvmFile {
 
 struct Entry {
     file: KvmFile,
-    /// Placeholder fd for system and VM files; a vCPU's fd is its memfd (duplicated).
-    /// Owning it reserves the number; dropping the entry closes it.
-    _fd: OwnedFd,
+    /// The descriptor's number. It is closed by [`SimKvm::close`] only: if userspace
+    /// closes it with close(2) instead, the number may be reused by another file, and
+    /// the stale entry is then replaced without closing anything.
+    fd: RawFd,
     /// A vCPU file holds a reference on its VM, as in the kernel.
     _vm_ref: Option<Arc<Vm>>,
 }
@@ -74,6 +75,14 @@ pub fn supported_capabilities() -> Vec<(u64, i64)> {
         .collect()
 }
 
+impl Drop for SimKvm {
+    fn drop(&mut self) {
+        for (_, e) in self.table().drain() {
+            let _ = nix::unistd::close(e.fd);
+        }
+    }
+}
+
 impl SimKvm {
     pub fn new() -> Self {
         Self::default()
@@ -84,12 +93,14 @@ impl SimKvm {
     }
 
     fn install(&self, file: KvmFile, fd: OwnedFd, vm_ref: Option<Arc<Vm>>) -> RawFd {
-        let raw = fd.as_raw_fd();
+        let raw = fd.into_raw_fd();
+        // A stale entry under this number belonged to a descriptor userspace already
+        // closed with close(2) (that is how the kernel could hand the number out again).
         self.table().insert(
             raw,
             Entry {
                 file,
-                _fd: fd,
+                fd: raw,
                 _vm_ref: vm_ref,
             },
         );
@@ -104,6 +115,7 @@ impl SimKvm {
     /// close(fd). Objects live on while other files refer to them, as in the kernel.
     pub fn close(&self, fd: RawFd) -> Result<()> {
         let entry = self.table().remove(&fd).ok_or(Errno::EBADF)?;
+        let _ = nix::unistd::close(entry.fd);
         drop(entry);
         Ok(())
     }
@@ -128,7 +140,7 @@ impl SimKvm {
         // The request is an unsigned int in the kernel.
         let request = request & 0xffff_ffff;
         match self.file(fd)? {
-            KvmFile::System => self.system_ioctl(request, arg),
+            KvmFile::System => self.system_ioctl(request, arg, ua),
             KvmFile::Vm(vm) => match request {
                 uapi::KVM_CREATE_VCPU => {
                     let vcpu = vm.create_vcpu(arg)?;
@@ -150,7 +162,7 @@ impl SimKvm {
         }
     }
 
-    fn system_ioctl(&self, request: u64, arg: u64) -> Result<i64> {
+    fn system_ioctl(&self, request: u64, arg: u64, ua: &mut dyn UserAccess) -> Result<i64> {
         match request {
             uapi::KVM_GET_API_VERSION if arg == 0 => Ok(uapi::KVM_API_VERSION),
             uapi::KVM_CREATE_VM => {
@@ -164,7 +176,7 @@ impl SimKvm {
             uapi::KVM_CHECK_EXTENSION => Ok(check_extension(arg)),
             uapi::KVM_GET_VCPU_MMAP_SIZE if arg == 0 => Ok(VCPU_MMAP_SIZE as i64),
             // kvm_dev_ioctl's "goto out" and kvm_arch_dev_ioctl's default.
-            _ => Err(Errno::EINVAL),
+            _ => crate::cpuid::system_ioctl(request, arg, ua).unwrap_or(Err(Errno::EINVAL)),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! software /dev/kvm that answers the real ioctl numbers with the real struct
 //! layouts and errnos. Pure Rust, no Python.
 
+pub mod cpuid;
 pub mod errno;
 pub mod hostmem;
 pub mod kvm;

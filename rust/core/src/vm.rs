@@ -15,11 +15,23 @@ pub const KVM_MAX_VCPU_IDS: u64 = 4096;
 /// KVM_MAX_VCPUS on x86 (KVM_CAP_MAX_VCPUS).
 pub const KVM_MAX_VCPUS: usize = 1024;
 
+/// Capabilities enabled on the VM with KVM_ENABLE_CAP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmCaps {
+    /// KVM_CAP_EXCEPTION_PAYLOAD: pending exceptions and their payload in VCPU_EVENTS.
+    pub exception_payload: bool,
+    /// KVM_CAP_X86_TRIPLE_FAULT_EVENT: triple_fault.pending in VCPU_EVENTS.
+    pub triple_fault_event: bool,
+}
+
 /// VM-wide state behind the VM lock (kvm->slots_lock and friends in one).
 #[derive(Debug, Default)]
 pub struct VmState {
     pub memslots: MemSlots,
     pub vcpus: BTreeMap<u32, Arc<Vcpu>>,
+    /// KVM_CREATE_IRQCHIP ran (an in-kernel PIC/IOAPIC/LAPIC model).
+    pub irqchip: bool,
+    pub caps: VmCaps,
 }
 
 pub struct Vm {
@@ -82,6 +94,17 @@ impl Vm {
     pub fn ioctl(&self, request: u64, arg: u64, ua: &mut dyn UserAccess) -> Result<i64> {
         match request {
             uapi::KVM_CHECK_EXTENSION => Ok(crate::kvm::check_extension(arg)),
+            uapi::KVM_CREATE_IRQCHIP => {
+                let mut st = self.state();
+                if st.irqchip {
+                    return Err(Errno::EEXIST);
+                }
+                if !st.vcpus.is_empty() {
+                    return Err(Errno::EINVAL);
+                }
+                st.irqchip = true;
+                Ok(0)
+            }
             uapi::KVM_SET_USER_MEMORY_REGION => {
                 let r: kvm_userspace_memory_region = read_struct(ua, arg)?;
                 let r2 = kvm_userspace_memory_region2 {

@@ -1,5 +1,8 @@
 //! The vCPU: its architectural state, its mmap area and its ioctls.
 
+pub mod debugregs;
+pub mod events;
+pub mod mp_state;
 pub mod sregs;
 
 use std::os::fd::{AsFd, OwnedFd};
@@ -23,7 +26,9 @@ pub const KVM_PIO_PAGE_OFFSET: usize = 1;
 pub struct VcpuState {
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
+    /// What SET_SREGS checks against: from the CPUID table once KVM_SET_CPUID2 ran.
     pub features: CpuFeatures,
+    pub events: events::EventsState,
 }
 
 impl VcpuState {
@@ -33,6 +38,7 @@ impl VcpuState {
             regs: sregs::reset_regs(),
             sregs: sregs::reset_sregs_for(bsp),
             features: CpuFeatures::default(),
+            events: events::EventsState::default(),
         }
     }
 }
@@ -137,8 +143,12 @@ impl Vcpu {
                 self.set_sregs(&s)?;
                 Ok(0)
             }
-            // kvm_arch_vcpu_ioctl's default.
-            _ => Err(Errno::EINVAL),
+            _ => events::ioctl(self, request, arg, ua)
+                .or_else(|| debugregs::ioctl(self, request, arg, ua))
+                .or_else(|| mp_state::ioctl(self, request, arg, ua))
+                .or_else(|| crate::cpuid::vcpu_ioctl(self, request, arg, ua))
+                // kvm_arch_vcpu_ioctl's default.
+                .unwrap_or(Err(Errno::EINVAL)),
         }
     }
 }
