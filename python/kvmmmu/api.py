@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 from . import uapi
 from ._core import GuestMemory
+from .stats import StatsReader
 from .transport import DevTransport, SimTransport, Transport
 
 
@@ -104,6 +106,12 @@ class Kvm(_Closable):
                 out[name] = value
         return out
 
+    def get_supported_cpuid(self, nent: int = 256) -> list[uapi.kvm_cpuid_entry2]:
+        """KVM_GET_SUPPORTED_CPUID: the CPUID entries the KVM can give a guest."""
+        from . import cpuid  # noqa: PLC0415 - optional module, imported on use
+
+        return cpuid.get_supported_cpuid(self.transport, self.fd, nent)
+
     def create_vm(self, vm_type: int = 0) -> Vm:
         fd = int(self.ioctl(uapi.KVM_CREATE_VM, vm_type))
         return Vm(self, fd)
@@ -138,6 +146,7 @@ class Vm(_Closable):
         self._res.open_fds.add(fd)
         self._fd = _Fd(self, self.transport, fd, self._res.fd_closed)
         self.slots: dict[int, uapi.kvm_userspace_memory_region] = {}
+        self._stats: _Stats | None = None
 
     def ioctl(self, request: int, arg: Any = 0) -> Any:
         return self.transport.ioctl(self.fd, request, arg)
@@ -221,6 +230,41 @@ class Vm(_Closable):
         fd = int(self.ioctl(uapi.KVM_CREATE_VCPU, vcpu_id))
         return Vcpu(self, fd, vcpu_id)
 
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: before any vCPU (EINVAL after), once (EEXIST)."""
+        self.ioctl(uapi.KVM_CREATE_IRQCHIP, 0)
+
+    def set_tss_addr(self, addr: int) -> None:
+        """KVM_SET_TSS_ADDR (api.txt 4.35): a three-page region below 4 GiB."""
+        self.ioctl(uapi.KVM_SET_TSS_ADDR, addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR: before any vCPU (EINVAL after)."""
+        self.ioctl(uapi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM (api.txt 4.36): ``flags`` must be 0."""
+        self.ioctl(uapi.KVM_ENABLE_CAP, _enable_cap(cap, args, flags))
+
+    def set_nr_mmu_pages(self, n: int) -> None:
+        """KVM_SET_NR_MMU_PAGES: the shadow-page limit (at least 64, else EINVAL)."""
+        self.ioctl(uapi.KVM_SET_NR_MMU_PAGES, n)
+
+    def get_nr_mmu_pages(self) -> int:
+        """KVM_GET_NR_MMU_PAGES. Today's kernels removed it: ENOTTY on both backends."""
+        return int(self.ioctl(uapi.KVM_GET_NR_MMU_PAGES, 0))
+
+    def get_stats_fd(self) -> int:
+        """KVM_GET_STATS_FD: a new binary-statistics descriptor (the caller closes it
+        with ``transport.close``)."""
+        return int(self.ioctl(uapi.KVM_GET_STATS_FD, 0))
+
+    def stats(self) -> dict[str, int | list[int]]:
+        """KVM's VM counters by name (remote_tlb_flush, mmu_unsync, pages_4k, ...)."""
+        if self._stats is None:
+            self._stats = _Stats(self, self.transport, self.get_stats_fd())
+        return self._stats.read()
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd.fd}"
         return f"Vm({self.kvm.backend}, {state}, slots={sorted(self.slots)})"
@@ -239,6 +283,7 @@ class Vcpu(_Closable):
         self._mmap = self.transport.mmap(fd, size)
         self.run: uapi.kvm_run = uapi.kvm_run.from_buffer(self._mmap)
         self._fd = _Fd(self, self.transport, fd, _VcpuCloser(self._mmap, res))
+        self._stats: _Stats | None = None
 
     def close(self) -> None:
         if not self._fd.closed:
@@ -264,6 +309,55 @@ class Vcpu(_Closable):
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
         self.ioctl(uapi.KVM_SET_SREGS, sregs)
 
+    def get_vcpu_events(self) -> uapi.kvm_vcpu_events:
+        ev = uapi.kvm_vcpu_events()
+        self.ioctl(uapi.KVM_GET_VCPU_EVENTS, ev)
+        return ev
+
+    def set_vcpu_events(self, events: uapi.kvm_vcpu_events) -> None:
+        self.ioctl(uapi.KVM_SET_VCPU_EVENTS, events)
+
+    def get_debugregs(self) -> uapi.kvm_debugregs:
+        d = uapi.kvm_debugregs()
+        self.ioctl(uapi.KVM_GET_DEBUGREGS, d)
+        return d
+
+    def set_debugregs(self, debugregs: uapi.kvm_debugregs) -> None:
+        self.ioctl(uapi.KVM_SET_DEBUGREGS, debugregs)
+
+    def get_mp_state(self) -> int:
+        m = uapi.kvm_mp_state()
+        self.ioctl(uapi.KVM_GET_MP_STATE, m)
+        return int(m.mp_state)
+
+    def set_mp_state(self, mp_state: int) -> None:
+        self.ioctl(uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state=mp_state))
+
+    def set_cpuid2(self, entries: Sequence[uapi.kvm_cpuid_entry2]) -> None:
+        """KVM_SET_CPUID2: the guest's CPUID table."""
+        from . import cpuid  # noqa: PLC0415 - optional module, imported on use
+
+        cpuid.set_cpuid2(self.transport, self.fd, entries)
+
+    def get_cpuid2(self, nent: int = 256) -> list[uapi.kvm_cpuid_entry2]:
+        """KVM_GET_CPUID2: the table last set (E2BIG if ``nent`` is too small)."""
+        from . import cpuid  # noqa: PLC0415 - optional module, imported on use
+
+        return cpuid.get_cpuid2(self.transport, self.fd, nent)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the vCPU (x86 has only Hyper-V ones: EINVAL here)."""
+        self.ioctl(uapi.KVM_ENABLE_CAP, _enable_cap(cap, args, flags))
+
+    def get_stats_fd(self) -> int:
+        return int(self.ioctl(uapi.KVM_GET_STATS_FD, 0))
+
+    def stats(self) -> dict[str, int | list[int]]:
+        """KVM's vCPU counters by name (pf_fixed, pf_guest, exits, insn_emulation, ...)."""
+        if self._stats is None:
+            self._stats = _Stats(self, self.transport, self.get_stats_fd())
+        return self._stats.read()
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd.fd}"
         return f"Vcpu({self.vm.kvm.backend}, id={self.id}, {state})"
@@ -284,5 +378,21 @@ class _VcpuCloser:
         self.res.fd_closed(fd)
 
 
-def sizeof(struct: type[ctypes.Structure]) -> int:
-    return ctypes.sizeof(struct)
+def _enable_cap(cap: int, args: Sequence[int], flags: int) -> uapi.kvm_enable_cap:
+    if len(args) > 4:
+        raise ValueError("kvm_enable_cap has four args")
+    s = uapi.kvm_enable_cap(cap=cap, flags=flags)
+    for i, a in enumerate(args):
+        s.args[i] = a
+    return s
+
+
+class _Stats:
+    """A stats descriptor owned by a Vm or Vcpu, closed with it."""
+
+    def __init__(self, owner: object, transport: Transport, fd: int) -> None:
+        self._fd = _Fd(owner, transport, fd)
+        self.reader = StatsReader(fd)
+
+    def read(self) -> dict[str, int | list[int]]:
+        return self.reader.read()

@@ -28,9 +28,13 @@ impl Errno {
     pub const ENOSYS: Errno = Errno(38);
     pub const EOPNOTSUPP: Errno = Errno(95);
 
-    /// The C library's message for this errno (strerror).
-    pub fn desc(self) -> &'static str {
-        nix::errno::Errno::from_raw(self.0).desc()
+    /// The C library's message for this errno, as strerror(3) gives it.
+    pub fn desc(self) -> String {
+        let s = std::io::Error::from_raw_os_error(self.0).to_string();
+        match s.rfind(" (os error") {
+            Some(i) => s[..i].to_string(),
+            None => s,
+        }
     }
 
     pub fn name(self) -> &'static str {

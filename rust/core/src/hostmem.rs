@@ -212,6 +212,20 @@ impl SharedMapping {
     }
 }
 
+impl SharedMapping {
+    /// A naturally aligned u64 of the mapping as an atomic (live counters that
+    /// userspace reads through its own mapping or pread).
+    pub fn atomic_u64(&self, off: usize) -> Result<&std::sync::atomic::AtomicU64> {
+        self.check(off, 8)?;
+        if off % 8 != 0 {
+            return Err(Errno::EINVAL);
+        }
+        // SAFETY: in bounds and 8-byte aligned (the mapping is page aligned); the
+        // returned reference borrows `self`, so it cannot outlive the mapping.
+        Ok(unsafe { &*(self.ptr.as_ptr().add(off) as *const std::sync::atomic::AtomicU64) })
+    }
+}
+
 impl Drop for SharedMapping {
     fn drop(&mut self) {
         // SAFETY: created in `new` with this base and length; no borrow outlives self.

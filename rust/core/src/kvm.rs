@@ -21,6 +21,8 @@ pub enum KvmFile {
     System,
     Vm(Arc<Vm>),
     Vcpu(Arc<Vcpu>),
+    /// A binary-statistics file (KVM_GET_STATS_FD); it takes no ioctls.
+    Stats,
 }
 
 struct Entry {
@@ -56,7 +58,15 @@ pub fn check_extension(capability: u64) -> i64 {
         | cap::DESTROY_MEMORY_REGION_WORKS
         | cap::JOIN_MEMORY_REGIONS_WORKS
         | cap::READONLY_MEM
-        | cap::USER_MEMORY2 => 1,
+        | cap::USER_MEMORY2
+        | cap::SET_TSS_ADDR
+        | cap::SET_IDENTITY_MAP_ADDR
+        | cap::MMU_SHADOW_CACHE_CONTROL
+        | cap::ENABLE_CAP
+        | cap::ENABLE_CAP_VM
+        | cap::EXCEPTION_PAYLOAD
+        | cap::X86_TRIPLE_FAULT_EVENT
+        | cap::BINARY_STATS_FD => 1,
         cap::NR_VCPUS => online.min(crate::vm::KVM_MAX_VCPUS as i64),
         cap::MAX_VCPUS => crate::vm::KVM_MAX_VCPUS as i64,
         cap::MAX_VCPU_ID => crate::vm::KVM_MAX_VCPU_IDS as i64,
@@ -151,11 +161,20 @@ impl SimKvm {
                         .map_err(Errno::from)?;
                     Ok(i64::from(self.install(KvmFile::Vcpu(vcpu), fd, Some(vm))))
                 }
+                uapi::KVM_GET_STATS_FD => {
+                    let fd = vm.stats.open_fd()?;
+                    Ok(i64::from(self.install(KvmFile::Stats, fd, None)))
+                }
                 _ => vm.ioctl(request, arg, ua),
             },
+            KvmFile::Stats => Err(Errno::ENOTTY),
             KvmFile::Vcpu(vcpu) => {
                 if (request >> 8) & 0xff != uapi::KVMIO {
                     return Err(Errno::EINVAL);
+                }
+                if request == uapi::KVM_GET_STATS_FD {
+                    let fd = vcpu.stats.open_fd()?;
+                    return Ok(i64::from(self.install(KvmFile::Stats, fd, None)));
                 }
                 vcpu.ioctl(request, arg, ua)
             }

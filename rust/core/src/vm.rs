@@ -7,7 +7,9 @@ use crate::errno::{Errno, Result};
 use crate::hostmem::HostRegion;
 use crate::memslot::{Change, MemSlots, RegionIoctl};
 use crate::uaccess::{read_struct, UserAccess};
-use crate::uapi::{self, kvm_userspace_memory_region, kvm_userspace_memory_region2};
+use crate::uapi::{
+    self, kvm_enable_cap, kvm_userspace_memory_region, kvm_userspace_memory_region2,
+};
 use crate::vcpu::Vcpu;
 
 /// KVM_MAX_VCPU_IDS on x86 (KVM_CAP_MAX_VCPU_ID).
@@ -32,11 +34,38 @@ pub struct VmState {
     /// KVM_CREATE_IRQCHIP ran (an in-kernel PIC/IOAPIC/LAPIC model).
     pub irqchip: bool,
     pub caps: VmCaps,
+    /// KVM_SET_TSS_ADDR (VMX's real-mode TSS; stored, never used by the model).
+    pub tss_addr: Option<u64>,
+    /// KVM_SET_IDENTITY_MAP_ADDR (VMX's EPT identity map; stored only).
+    pub identity_map_addr: Option<u64>,
+    /// KVM_SET_NR_MMU_PAGES (n_requested_mmu_pages); 0 means "the default".
+    pub n_requested_mmu_pages: u64,
+}
+
+/// KVM_MIN_ALLOC_MMU_PAGES.
+pub const KVM_MIN_ALLOC_MMU_PAGES: u64 = 64;
+/// KVM_PERMILLE_MMU_PAGES: the default shadow-page limit is 2% of guest pages.
+pub const KVM_PERMILLE_MMU_PAGES: u64 = 20;
+/// The highest KVM_SET_TSS_ADDR: the three pages must end below 4 GiB (VMX's check).
+pub const TSS_ADDR_MAX: u64 = 0xffff_d000;
+
+impl VmState {
+    /// n_max_mmu_pages: the requested limit, or the default computed from the
+    /// memslots (kvm_mmu_calculate_default_mmu_pages).
+    pub fn n_max_mmu_pages(&self) -> u64 {
+        if self.n_requested_mmu_pages != 0 {
+            return self.n_requested_mmu_pages;
+        }
+        let pages: u64 = self.memslots.iter().map(|s| s.npages).sum();
+        (pages * KVM_PERMILLE_MMU_PAGES / 1000).max(KVM_MIN_ALLOC_MMU_PAGES)
+    }
 }
 
 pub struct Vm {
     state: Mutex<VmState>,
     self_ref: Weak<Vm>,
+    /// KVM's VM-wide counters (KVM_GET_STATS_FD).
+    pub stats: crate::stats::StatsFile,
 }
 
 impl std::fmt::Debug for Vm {
@@ -51,9 +80,15 @@ impl Vm {
         if vm_type != 0 {
             return Err(Errno::EINVAL);
         }
+        let stats = crate::stats::StatsFile::new(
+            "kvm-vm-stats",
+            &format!("kvm-{}", std::process::id()),
+            crate::stats::VM_STATS,
+        )?;
         Ok(Arc::new_cyclic(|w| Vm {
             state: Mutex::new(VmState::default()),
             self_ref: w.clone(),
+            stats,
         }))
     }
 
@@ -90,6 +125,22 @@ impl Vm {
         Ok(vcpu)
     }
 
+    /// KVM_ENABLE_CAP on the VM (kvm_vm_ioctl_enable_cap_generic + the x86 part):
+    /// `flags` must be 0, and only capabilities the simulator implements can be enabled.
+    pub fn enable_cap(&self, cap: &kvm_enable_cap) -> Result<()> {
+        if cap.flags != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let mut st = self.state();
+        match u64::from(cap.cap) {
+            // Any args[0] is accepted; non-zero enables (x86.c).
+            uapi::cap::EXCEPTION_PAYLOAD => st.caps.exception_payload = cap.args[0] != 0,
+            uapi::cap::X86_TRIPLE_FAULT_EVENT => st.caps.triple_fault_event = cap.args[0] != 0,
+            _ => return Err(Errno::EINVAL),
+        }
+        Ok(())
+    }
+
     /// VM ioctls that need no new file descriptor (kvm_vm_ioctl + kvm_arch_vm_ioctl).
     pub fn ioctl(&self, request: u64, arg: u64, ua: &mut dyn UserAccess) -> Result<i64> {
         match request {
@@ -103,6 +154,36 @@ impl Vm {
                     return Err(Errno::EINVAL);
                 }
                 st.irqchip = true;
+                Ok(0)
+            }
+            uapi::KVM_ENABLE_CAP => {
+                let cap: kvm_enable_cap = read_struct(ua, arg)?;
+                self.enable_cap(&cap)?;
+                Ok(0)
+            }
+            uapi::KVM_SET_TSS_ADDR => {
+                // vmx_set_tss_addr: the three pages must lie below 4 GiB.
+                if arg > TSS_ADDR_MAX {
+                    return Err(Errno::EINVAL);
+                }
+                self.state().tss_addr = Some(arg);
+                Ok(0)
+            }
+            uapi::KVM_SET_IDENTITY_MAP_ADDR => {
+                let mut st = self.state();
+                if !st.vcpus.is_empty() {
+                    return Err(Errno::EINVAL);
+                }
+                let mut b = [0u8; 8];
+                ua.copy_from_user(arg, &mut b)?;
+                st.identity_map_addr = Some(u64::from_le_bytes(b));
+                Ok(0)
+            }
+            uapi::KVM_SET_NR_MMU_PAGES => {
+                if arg < KVM_MIN_ALLOC_MMU_PAGES {
+                    return Err(Errno::EINVAL);
+                }
+                self.state().n_requested_mmu_pages = arg;
                 Ok(0)
             }
             uapi::KVM_SET_USER_MEMORY_REGION => {

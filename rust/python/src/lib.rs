@@ -99,12 +99,13 @@ impl SimKvm {
         r.py_err()
     }
 
-    /// What a simulated descriptor refers to: "system", "vm" or "vcpu".
+    /// What a simulated descriptor refers to: "system", "vm", "vcpu" or "stats".
     fn kind(&self, fd: i32) -> PyResult<&'static str> {
         Ok(match self.inner.file(fd).py_err()? {
             KvmFile::System => "system",
             KvmFile::Vm(_) => "vm",
             KvmFile::Vcpu(_) => "vcpu",
+            KvmFile::Stats => "stats",
         })
     }
 

@@ -52,6 +52,8 @@ pub struct Vcpu {
     /// The mmap area (kvm_run at offset 0), shared with userspace through `memfd`.
     run: SharedMapping,
     memfd: OwnedFd,
+    /// KVM's per-vCPU counters (KVM_GET_STATS_FD).
+    pub stats: crate::stats::StatsFile,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -73,12 +75,18 @@ impl Vcpu {
         .map_err(Errno::from)?;
         nix::unistd::ftruncate(&memfd, VCPU_MMAP_SIZE as i64).map_err(Errno::from)?;
         let run = SharedMapping::new(memfd.as_fd(), VCPU_MMAP_SIZE)?;
+        let stats = crate::stats::StatsFile::new(
+            &format!("kvm-vcpu-stats:{id}"),
+            &format!("kvm-{}/vcpu-{id}", std::process::id()),
+            crate::stats::VCPU_STATS,
+        )?;
         Ok(Arc::new(Vcpu {
             id,
             vm,
             state: Mutex::new(VcpuState::reset(id == 0)),
             run,
             memfd,
+            stats,
         }))
     }
 
@@ -142,6 +150,12 @@ impl Vcpu {
                 let s: kvm_sregs = read_struct(ua, arg)?;
                 self.set_sregs(&s)?;
                 Ok(0)
+            }
+            uapi::KVM_ENABLE_CAP => {
+                // kvm_vcpu_ioctl_enable_cap: only Hyper-V capabilities exist per vCPU on
+                // x86, and the simulator has none. The argument is still read first.
+                let _cap: uapi::kvm_enable_cap = read_struct(ua, arg)?;
+                Err(Errno::EINVAL)
             }
             _ => events::ioctl(self, request, arg, ua)
                 .or_else(|| debugregs::ioctl(self, request, arg, ua))
