@@ -191,9 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     k = sub.add_parser("conformance", help="run the case table on both backends")
     k.add_argument("--device", default=DEFAULT_PATH)
     k.add_argument("-v", "--verbose", action="store_true")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in {"demo", "caps", "conformance", "-h", "--help"}:
+        argv = ["demo", *argv]  # the tour is the default command
     args = p.parse_args(argv)
-    if args.cmd is None:
-        args = p.parse_args(["demo", *(argv or sys.argv[1:])])
     return {"demo": demo, "caps": caps, "conformance": conformance}[args.cmd](args)
 
 
