@@ -599,4 +599,178 @@ SREGS_CASES = [
     ),
 ]
 
-CASES: list[Case] = MEMSLOT_CASES + FD_CASES + SREGS_CASES
+
+# ---- VM-level state ioctls: ENABLE_CAP, TSS/identity map, NR_MMU_PAGES, stats ----
+
+
+def _cap(target: str, cap: int, *args: int, flags: int = 0) -> Callable[[Env], Any]:
+    def run(env: Env) -> None:
+        obj = env.vm if target == "vm" else env.vcpu
+        obj.enable_cap(cap, *args, flags=flags)
+
+    return run
+
+
+def _tss(addr: int) -> Callable[[Env], Any]:
+    return lambda env: env.vm.set_tss_addr(addr)
+
+
+def _tss_twice_after_vcpu(env: Env) -> None:
+    env.vm.set_tss_addr(0xFFFBD000)
+    _ = env.vcpu
+    env.vm.set_tss_addr(0xFFFBD000)
+
+
+def _tss_over_slot(env: Env) -> None:
+    env.slot(0, 0xFFF00000, MiB)
+    env.vm.set_tss_addr(0xFFFBD000)
+
+
+def _idmap_after_vcpu(env: Env) -> None:
+    _ = env.vcpu
+    env.vm.set_identity_map_addr(0xFEFFC000)
+
+
+def _stats_names(which: str, names: tuple[str, ...]) -> Callable[[Env], Any]:
+    def run(env: Env) -> Any:
+        stats = env.vm.stats() if which == "vm" else env.vcpu.stats()
+        return {n: stats[n] for n in names}
+
+    return run
+
+
+def _stats_header(env: Env) -> Any:
+    import os  # noqa: PLC0415 - only this case reads raw bytes
+    import struct  # noqa: PLC0415
+
+    fd = env.vcpu.get_stats_fd()
+    try:
+        flags, name_size, _, id_offset, desc_offset, _ = struct.unpack("<6I", os.pread(fd, 24, 0))
+        ident = os.pread(fd, name_size, id_offset).split(b"\0")[0].decode()
+        return (flags, name_size, id_offset, desc_offset, ident.endswith("/vcpu-0"))
+    finally:
+        env.kvm.transport.close(fd)
+
+
+def _stats_fd_ioctl(env: Env) -> None:
+    fd = env.vm.get_stats_fd()
+    try:
+        env.kvm.transport.ioctl(fd, uapi.KVM_GET_API_VERSION, 0)
+    finally:
+        env.kvm.transport.close(fd)
+
+
+VM_STATE_CASES = [
+    Case("ENABLE_CAP EXCEPTION_PAYLOAD", _cap("vm", uapi.KVM_CAP_EXCEPTION_PAYLOAD, 1), OK),
+    Case("ENABLE_CAP EXCEPTION_PAYLOAD args 2", _cap("vm", uapi.KVM_CAP_EXCEPTION_PAYLOAD, 2), OK),
+    Case("ENABLE_CAP EXCEPTION_PAYLOAD off", _cap("vm", uapi.KVM_CAP_EXCEPTION_PAYLOAD, 0), OK),
+    Case(
+        "ENABLE_CAP flags 1",
+        _cap("vm", uapi.KVM_CAP_EXCEPTION_PAYLOAD, 1, flags=1),
+        errno_(E.EINVAL),
+    ),
+    Case("ENABLE_CAP TRIPLE_FAULT_EVENT", _cap("vm", uapi.KVM_CAP_X86_TRIPLE_FAULT_EVENT, 1), OK),
+    Case("ENABLE_CAP unknown cap", _cap("vm", 99999), errno_(E.EINVAL)),
+    Case(
+        "ENABLE_CAP not enableable (USER_MEMORY)",
+        _cap("vm", uapi.KVM_CAP_USER_MEMORY, 1),
+        errno_(E.EINVAL),
+    ),
+    Case("ENABLE_CAP NULL", lambda env: env.vm.ioctl(uapi.KVM_ENABLE_CAP, 0), errno_(E.EFAULT)),
+    Case(
+        "vCPU ENABLE_CAP EXCEPTION_PAYLOAD",
+        _cap("vcpu", uapi.KVM_CAP_EXCEPTION_PAYLOAD, 1),
+        errno_(E.EINVAL),
+    ),
+    Case("vCPU ENABLE_CAP flags 1", _cap("vcpu", 0, flags=1), errno_(E.EINVAL)),
+    Case(
+        "vCPU ENABLE_CAP NULL", lambda env: env.vcpu.ioctl(uapi.KVM_ENABLE_CAP, 0), errno_(E.EFAULT)
+    ),
+    Case("SET_TSS_ADDR 0xfffbd000", _tss(0xFFFBD000), OK),
+    Case("SET_TSS_ADDR unaligned", _tss(0xFFFBD001), OK),
+    Case("SET_TSS_ADDR 0", _tss(0), OK),
+    Case("SET_TSS_ADDR 0xffffd000 (last)", _tss(0xFFFFD000), OK),
+    Case("SET_TSS_ADDR 0xffffd001", _tss(0xFFFFD001), errno_(E.EINVAL)),
+    Case("SET_TSS_ADDR 0xfffff000", _tss(0xFFFFF000), errno_(E.EINVAL)),
+    Case("SET_TSS_ADDR 4 GiB", _tss(1 << 32), errno_(E.EINVAL)),
+    Case("SET_TSS_ADDR twice, after a vCPU", _tss_twice_after_vcpu, OK),
+    Case("SET_TSS_ADDR over a memory slot", _tss_over_slot, OK),
+    Case("SET_IDENTITY_MAP_ADDR", lambda env: env.vm.set_identity_map_addr(0xFEFFC000), OK),
+    Case(
+        "SET_IDENTITY_MAP_ADDR NULL",
+        lambda env: env.vm.ioctl(uapi.KVM_SET_IDENTITY_MAP_ADDR, 0),
+        errno_(E.EFAULT),
+    ),
+    Case("SET_IDENTITY_MAP_ADDR after a vCPU", _idmap_after_vcpu, errno_(E.EINVAL)),
+    Case("SET_NR_MMU_PAGES 63", lambda env: env.vm.set_nr_mmu_pages(63), errno_(E.EINVAL)),
+    Case("SET_NR_MMU_PAGES 64", lambda env: env.vm.set_nr_mmu_pages(64), OK),
+    Case("SET_NR_MMU_PAGES 2^40", lambda env: env.vm.set_nr_mmu_pages(1 << 40), OK),
+    Case("GET_NR_MMU_PAGES (removed)", lambda env: env.vm.get_nr_mmu_pages(), errno_(E.ENOTTY)),
+    Case(
+        "GET_STATS_FD on system fd",
+        lambda env: env.kvm.ioctl(uapi.KVM_GET_STATS_FD, 0),
+        errno_(E.EINVAL),
+    ),
+    Case("stats fd takes no ioctls", _stats_fd_ioctl, errno_(E.ENOTTY)),
+    Case("vCPU stats header", _stats_header, value((0, 48, 24, 72, True))),
+    Case(
+        "VM stats of a fresh VM",
+        _stats_names(
+            "vm",
+            (
+                "mmu_shadow_zapped",
+                "mmu_unsync",
+                "pages_4k",
+                "pages_2m",
+                "remote_tlb_flush",
+                "max_mmu_rmap_size",
+            ),
+        ),
+        value(
+            dict.fromkeys(
+                (
+                    "mmu_shadow_zapped",
+                    "mmu_unsync",
+                    "pages_4k",
+                    "pages_2m",
+                    "remote_tlb_flush",
+                    "max_mmu_rmap_size",
+                ),
+                0,
+            )
+        ),
+    ),
+    Case(
+        "vCPU stats of a fresh vCPU",
+        _stats_names(
+            "vcpu",
+            (
+                "pf_taken",
+                "pf_fixed",
+                "pf_guest",
+                "pf_emulate",
+                "exits",
+                "insn_emulation",
+                "mmio_exits",
+                "io_exits",
+            ),
+        ),
+        value(
+            dict.fromkeys(
+                (
+                    "pf_taken",
+                    "pf_fixed",
+                    "pf_guest",
+                    "pf_emulate",
+                    "exits",
+                    "insn_emulation",
+                    "mmio_exits",
+                    "io_exits",
+                ),
+                0,
+            )
+        ),
+    ),
+]
+
+CASES: list[Case] = MEMSLOT_CASES + FD_CASES + SREGS_CASES + VM_STATE_CASES
