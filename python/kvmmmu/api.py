@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from . import cpuid as _cpuid
 from . import uapi
 from ._core import GuestMemory
 from .stats import StatsReader
@@ -108,9 +109,7 @@ class Kvm(_Closable):
 
     def get_supported_cpuid(self, nent: int = 256) -> list[uapi.kvm_cpuid_entry2]:
         """KVM_GET_SUPPORTED_CPUID: the CPUID entries the KVM can give a guest."""
-        from . import cpuid  # noqa: PLC0415 - optional module, imported on use
-
-        return cpuid.get_supported_cpuid(self.transport, self.fd, nent)
+        return _cpuid.get_supported_cpuid(self.transport, self.fd, nent)
 
     def create_vm(self, vm_type: int = 0) -> Vm:
         fd = int(self.ioctl(uapi.KVM_CREATE_VM, vm_type))
@@ -335,15 +334,11 @@ class Vcpu(_Closable):
 
     def set_cpuid2(self, entries: Sequence[uapi.kvm_cpuid_entry2]) -> None:
         """KVM_SET_CPUID2: the guest's CPUID table."""
-        from . import cpuid  # noqa: PLC0415 - optional module, imported on use
-
-        cpuid.set_cpuid2(self.transport, self.fd, entries)
+        _cpuid.set_cpuid2(self.transport, self.fd, entries)
 
     def get_cpuid2(self, nent: int = 256) -> list[uapi.kvm_cpuid_entry2]:
         """KVM_GET_CPUID2: the table last set (E2BIG if ``nent`` is too small)."""
-        from . import cpuid  # noqa: PLC0415 - optional module, imported on use
-
-        return cpuid.get_cpuid2(self.transport, self.fd, nent)
+        return _cpuid.get_cpuid2(self.transport, self.fd, nent)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the vCPU (x86 has only Hyper-V ones: EINVAL here)."""

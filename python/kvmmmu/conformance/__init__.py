@@ -6,6 +6,22 @@ backend and returns what happened, and :func:`compare` runs the table on both
 backends and lists the disagreements.
 """
 
-from .cases import CASES, Case, Env, Outcome, compare, run_case
+from .cases import CASES as FOUNDATION_CASES
+from .cases import Case, Env, Outcome, compare, run_case
+from .cases_cpuid import CPUID_CASES
+from .cases_state import STATE_CASES
 
-__all__ = ["CASES", "Case", "Env", "Outcome", "compare", "run_case"]
+#: Every case: memory slots, descriptors, sregs, VM state, CPUID, vCPU state.
+CASES: list[Case] = [*FOUNDATION_CASES, *STATE_CASES, *CPUID_CASES]
+
+__all__ = [
+    "CASES",
+    "CPUID_CASES",
+    "FOUNDATION_CASES",
+    "STATE_CASES",
+    "Case",
+    "Env",
+    "Outcome",
+    "compare",
+    "run_case",
+]

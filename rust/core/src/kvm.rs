@@ -66,7 +66,12 @@ pub fn check_extension(capability: u64) -> i64 {
         | cap::ENABLE_CAP_VM
         | cap::EXCEPTION_PAYLOAD
         | cap::X86_TRIPLE_FAULT_EVENT
-        | cap::BINARY_STATS_FD => 1,
+        | cap::BINARY_STATS_FD
+        | cap::EXT_CPUID
+        | cap::IRQCHIP
+        | cap::MP_STATE
+        | cap::VCPU_EVENTS
+        | cap::DEBUGREGS => 1,
         cap::NR_VCPUS => online.min(crate::vm::KVM_MAX_VCPUS as i64),
         cap::MAX_VCPUS => crate::vm::KVM_MAX_VCPUS as i64,
         cap::MAX_VCPU_ID => crate::vm::KVM_MAX_VCPU_IDS as i64,

@@ -29,6 +29,12 @@ pub struct VcpuState {
     /// What SET_SREGS checks against: from the CPUID table once KVM_SET_CPUID2 ran.
     pub features: CpuFeatures,
     pub events: events::EventsState,
+    /// KVM_GET/SET_DEBUGREGS.
+    pub debugregs: debugregs::DebugRegs,
+    /// KVM_GET/SET_MP_STATE and the local APIC's INIT/SIPI latch.
+    pub mp: mp_state::MpState,
+    /// The CPUID table given to KVM_SET_CPUID2, as given (empty until then); see crate::cpuid.
+    pub cpuid: Vec<uapi::kvm_cpuid_entry2>,
 }
 
 impl VcpuState {
@@ -39,6 +45,9 @@ impl VcpuState {
             sregs: sregs::reset_sregs_for(bsp),
             features: CpuFeatures::default(),
             events: events::EventsState::default(),
+            debugregs: debugregs::DebugRegs::default(),
+            mp: mp_state::MpState::reset(bsp),
+            cpuid: Vec::new(),
         }
     }
 }
@@ -125,7 +134,9 @@ impl Vcpu {
     pub fn set_sregs(&self, new: &kvm_sregs) -> Result<()> {
         let mut st = self.state();
         let features = st.features;
-        sregs::set_sregs(&features, &mut st.sregs, new)
+        sregs::set_sregs(&features, &mut st.sregs, new)?;
+        mp_state::after_set_sregs(&mut st);
+        Ok(())
     }
 
     /// vCPU ioctl dispatch (kvm_vcpu_ioctl + kvm_arch_vcpu_ioctl).

@@ -42,8 +42,12 @@
 //! * CR8: the value if it fits in bits 3:0; otherwise the set is ignored and CR8 keeps its old
 //!   value (`kvm_set_cr8` fails and `__set_sregs_common` ignores the failure).
 //! * interrupt_bitmap: the lowest set bit becomes the pending (injected) interrupt and is the only
-//!   bit read back; an all-zero bitmap leaves the previously pending interrupt in place. The vCPU
-//!   runner must clear [`kvm_sregs::interrupt_bitmap`] when it delivers that interrupt.
+//!   bit read back; an all-zero bitmap leaves the previously pending interrupt in place. The
+//!   bitmap is the SET_SREGS/GET_SREGS view of the vCPU's one injected interrupt, which
+//!   KVM_GET/SET_VCPU_EVENTS also show: `vcpu::events` keeps it equal to `events.interrupt`
+//!   (`events::queued_interrupt`, `events::sync_interrupt`, `events::set_interrupt`). The vCPU
+//!   runner reads the interrupt with `events::queued_interrupt` and, when it delivers it, clears
+//!   the bitmap (or calls `events::set_interrupt` with `injected: false`).
 //! * KVM_SET_REGS: never fails; RFLAGS bit 1 is forced to 1 and RFLAGS.VM (bit 17) is cleared;
 //!   everything else (reserved RFLAGS bits, non-canonical RIP) is stored as given.
 //!
