@@ -171,7 +171,7 @@ pub fn init_reset(st: &mut VcpuState) {
     let old_cr0 = st.sregs.cr0;
     let apic_base = st.sregs.apic_base;
     st.regs = sregs::reset_regs();
-    if let Some(leaf1) = st.cpuid.iter().find(|e| e.function == 1 && e.index == 0) {
+    if let Some(leaf1) = crate::cpuid::find(&st.cpuid, 1).map(|i| &st.cpuid[i]) {
         st.regs.rdx = u64::from(leaf1.eax);
     }
     st.sregs = sregs::reset_sregs_for(apic_base & APIC_BASE_BSP != 0);

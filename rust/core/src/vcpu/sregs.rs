@@ -275,11 +275,15 @@ impl CpuFeatures {
     /// is taken from leaf 0x80000008 if the table's 0x80000000.EAX reaches it, else 36; it is not
     /// limited by `caps`.
     pub fn from_cpuid(entries: &[kvm_cpuid_entry2], caps: &CpuFeatures) -> CpuFeatures {
+        // Indexed leaves match their index; the others take the first entry of the
+        // function whatever its index (kvm_find_cpuid_entry).
         let find = |function: u32, index: u32| {
-            entries.iter().find(|e| {
-                e.function == function
-                    && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == index)
-            })
+            let i = if crate::cpuid::is_indexed(function) {
+                crate::cpuid::find_index(entries, function, index)
+            } else {
+                crate::cpuid::find(entries, function)
+            };
+            i.map(|i| &entries[i])
         };
         let reg = |function: u32, index: u32, pick: fn(&kvm_cpuid_entry2) -> u32| {
             find(function, index).map_or(0, pick)
@@ -319,9 +323,6 @@ impl CpuFeatures {
         }
     }
 }
-
-/// `KVM_CPUID_FLAG_SIGNIFCANT_INDEX` (sic, the kernel's spelling).
-const KVM_CPUID_FLAG_SIGNIFCANT_INDEX: u32 = 1;
 
 /// The features of a vCPU before KVM_SET_CPUID2: [`CpuFeatures::FRESH_VCPU`]. This is what the
 /// device checks SET_SREGS against on a fresh vCPU (MAXPHYADDR 36, not the 48 or 46 of
@@ -1327,7 +1328,7 @@ mod tests {
             function,
             index,
             flags: if function == 7 {
-                KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+                crate::cpuid::KVM_CPUID_FLAG_SIGNIFCANT_INDEX
             } else {
                 0
             },
