@@ -7,6 +7,7 @@ is the machine's real KVM. Both speak the same ioctl API.
 from . import uapi
 from ._core import GuestMemory, SimKvm, __version__
 from .api import Kvm, Vcpu, Vm
+from .mmu import GuestPageFault, WalkResult
 from .transport import DevTransport, SimTransport, Transport, device_available
 from .uapi import (
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -22,12 +23,14 @@ __all__ = [
     "KVM_MEM_READONLY",
     "DevTransport",
     "GuestMemory",
+    "GuestPageFault",
     "Kvm",
     "SimKvm",
     "SimTransport",
     "Transport",
     "Vcpu",
     "Vm",
+    "WalkResult",
     "__version__",
     "device_available",
     "kvm_regs",

@@ -3,6 +3,8 @@
 from types import TracebackType
 from typing import Self
 
+import numpy as np
+from numpy.typing import NDArray
 from typing_extensions import Buffer
 
 __version__: str
@@ -17,8 +19,27 @@ class SimKvm:
     def ioctl(self, fd: int, request: int, arg: int | Buffer | None = None) -> int: ...
     def kind(self, fd: int) -> str: ...
     def fds(self) -> list[int]: ...
+    def vcpu_mmu(self, fd: int) -> VcpuMmu: ...
 
 class MemoryPin: ...
+
+class VcpuMmu:
+    def walk(
+        self, gva: int, write: bool = ..., user: bool = ..., fetch: bool = ..., implicit: bool = ...
+    ) -> tuple[object, ...]: ...
+    def walk_many(
+        self,
+        gvas: NDArray[np.uint64],
+        write: bool = ...,
+        user: bool = ...,
+        fetch: bool = ...,
+        implicit: bool = ...,
+    ) -> tuple[NDArray[np.uint64], NDArray[np.uint8], NDArray[np.uint32]]: ...
+    pkru: int
+    @property
+    def pdptrs(self) -> list[int]: ...
+    @property
+    def mode(self) -> str: ...
 
 class GuestMemory(Buffer):
     """Anonymous MAP_NORESERVE guest memory owned by the core."""

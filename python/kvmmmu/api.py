@@ -22,6 +22,7 @@ from typing import Any
 from . import cpuid as _cpuid
 from . import uapi
 from ._core import GuestMemory
+from .mmu import VcpuMmu
 from .stats import StatsReader
 from .transport import DevTransport, SimTransport, Transport
 
@@ -283,6 +284,7 @@ class Vcpu(_Closable):
         self.run: uapi.kvm_run = uapi.kvm_run.from_buffer(self._mmap)
         self._fd = _Fd(self, self.transport, fd, _VcpuCloser(self._mmap, res))
         self._stats: _Stats | None = None
+        self._mmu: VcpuMmu | None = None
 
     def close(self) -> None:
         if not self._fd.closed:
@@ -307,6 +309,23 @@ class Vcpu(_Closable):
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
         self.ioctl(uapi.KVM_SET_SREGS, sregs)
+
+    def translate(self, gva: int) -> uapi.kvm_translation:
+        """KVM_TRANSLATE: a supervisor read walk that sets A bits on the way; the kernel
+        always reports writeable=1 and usermode=0, and physical_address 2**64-1 with
+        valid=0 when the walk faults."""
+        t = uapi.kvm_translation(linear_address=gva)
+        self.ioctl(uapi.KVM_TRANSLATE, t)
+        return t
+
+    @property
+    def mmu(self) -> VcpuMmu:
+        """The simulator-only MMU surface (detailed walks); not available on a device."""
+        if not isinstance(self.transport, SimTransport):
+            raise NotImplementedError("vcpu.mmu is simulator-only: the device hides its MMU")
+        if self._mmu is None:
+            self._mmu = VcpuMmu(self.transport.core.vcpu_mmu(self.fd))
+        return self._mmu
 
     def get_vcpu_events(self) -> uapi.kvm_vcpu_events:
         ev = uapi.kvm_vcpu_events()

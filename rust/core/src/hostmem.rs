@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
@@ -109,6 +110,49 @@ impl HostRegion {
             std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.as_ptr().add(off), buf.len())
         };
         Ok(())
+    }
+
+    /// Atomically load a naturally aligned 4- or 8-byte little-endian value (a gpte
+    /// the guest may be writing concurrently).
+    pub fn load(&self, off: usize, size: usize) -> Result<u64> {
+        self.check(off, size)?;
+        if off % size != 0 {
+            return Err(Errno::EINVAL);
+        }
+        // SAFETY: in bounds (checked), naturally aligned (checked), and the atomic
+        // types have the size and alignment of the integers they wrap.
+        unsafe {
+            let p = self.ptr.as_ptr().add(off);
+            match size {
+                4 => Ok(u64::from(
+                    (*(p as *const AtomicU32)).load(Ordering::Acquire),
+                )),
+                8 => Ok((*(p as *const AtomicU64)).load(Ordering::Acquire)),
+                _ => Err(Errno::EINVAL),
+            }
+        }
+    }
+
+    /// Atomic compare-exchange of a naturally aligned 4- or 8-byte value:
+    /// Ok(true) if it held `old` and now holds `new`.
+    pub fn cmpxchg(&self, off: usize, size: usize, old: u64, new: u64) -> Result<bool> {
+        self.check(off, size)?;
+        if off % size != 0 {
+            return Err(Errno::EINVAL);
+        }
+        // SAFETY: as in `load`.
+        unsafe {
+            let p = self.ptr.as_ptr().add(off);
+            match size {
+                4 => Ok((*(p as *const AtomicU32))
+                    .compare_exchange(old as u32, new as u32, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()),
+                8 => Ok((*(p as *const AtomicU64))
+                    .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()),
+                _ => Err(Errno::EINVAL),
+            }
+        }
     }
 
     /// Raw base pointer, for the buffer protocol of the Python binding only.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::errno::{Errno, Result};
 use crate::hostmem::HostRegion;
+use crate::paging::GuestMem;
 use crate::uaccess::TASK_SIZE_MAX;
 use crate::uapi::{
     kvm_userspace_memory_region2, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
@@ -81,6 +82,46 @@ pub struct MemSlots {
     last_hit: AtomicUsize,
     /// Bumped on every change; MMIO sptes carry it (KVM's memslot generation).
     generation: u64,
+}
+
+impl MemSlots {
+    /// The host region and offset behind `size` bytes at `gpa`, if one slot holds them.
+    #[inline]
+    fn host_of(&self, gpa: u64, size: usize) -> Option<(&MemSlot, usize)> {
+        let slot = self.lookup(gpa >> PAGE_SHIFT)?;
+        let page_off = (gpa & (PAGE_SIZE - 1)) as usize;
+        if page_off + size > PAGE_SIZE as usize {
+            return None;
+        }
+        let off = slot.host_offset + ((gpa - (slot.base_gfn << PAGE_SHIFT)) as usize);
+        Some((slot, off))
+    }
+}
+
+/// The memslots are the guest's physical memory: the walker reads gptes and sets
+/// A/D bits through them, and never touches anything outside a slot.
+impl GuestMem for MemSlots {
+    #[inline]
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        let Some((slot, off)) = self.host_of(gpa, buf.len()) else {
+            return false;
+        };
+        match slot.host.load(off, buf.len()) {
+            Ok(v) => {
+                buf.copy_from_slice(&v.to_le_bytes()[..buf.len()]);
+                true
+            }
+            Err(_) => slot.host.read(off, buf).is_ok(),
+        }
+    }
+
+    fn cmpxchg(&self, gpa: u64, size: usize, old: u64, new: u64) -> std::result::Result<bool, ()> {
+        let (slot, off) = self.host_of(gpa, size).ok_or(())?;
+        if slot.readonly() {
+            return Err(());
+        }
+        slot.host.cmpxchg(off, size, old, new).map_err(|_| ())
+    }
 }
 
 /// Which ioctl carried the region (v1 accepts fewer flags).

@@ -8,12 +8,15 @@ use std::sync::Arc;
 use kvmmmu_core::errno::Errno;
 use kvmmmu_core::hostmem::HostRegion;
 use kvmmmu_core::kvm::{self, KvmFile};
+use kvmmmu_core::paging::{Access, PagingMode, WalkError};
 use kvmmmu_core::uaccess::{ProcessVm, UserBuf};
 use kvmmmu_core::uapi;
+use kvmmmu_core::vcpu::Vcpu;
+use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyBufferError, PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyTuple};
 
 /// The one place a core errno becomes a Python exception: OSError(errno, strerror),
 /// which Python turns into the matching subclass (FileExistsError for EEXIST, ...).
@@ -112,6 +115,141 @@ impl SimKvm {
     /// Open simulated descriptors.
     fn fds(&self) -> Vec<i32> {
         self.inner.fds()
+    }
+
+    /// The simulator-only MMU surface of a vCPU descriptor.
+    fn vcpu_mmu(&self, fd: i32) -> PyResult<VcpuMmu> {
+        match self.inner.file(fd).py_err()? {
+            KvmFile::Vcpu(vcpu) => Ok(VcpuMmu { vcpu }),
+            _ => Err(os_error(Errno::EINVAL)),
+        }
+    }
+}
+
+/// Simulator-only access to a vCPU's MMU: walks through its current paging state.
+#[pyclass(frozen, module = "kvmmmu._core")]
+struct VcpuMmu {
+    vcpu: Arc<Vcpu>,
+}
+
+fn access(write: bool, user: bool, fetch: bool, implicit: bool) -> Access {
+    Access {
+        write,
+        user,
+        fetch,
+        implicit,
+    }
+}
+
+#[pymethods]
+impl VcpuMmu {
+    /// Walk `gva`: (True, gpa, level, page_size, access, pkey, dirty, gptes) or
+    /// (False, vector, error_code, address).
+    #[pyo3(signature = (gva, write = false, user = false, fetch = false, implicit = false))]
+    fn walk<'py>(
+        &self,
+        py: Python<'py>,
+        gva: u64,
+        write: bool,
+        user: bool,
+        fetch: bool,
+        implicit: bool,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let r = py
+            .detach(|| self.vcpu.walk(gva, access(write, user, fetch, implicit)))
+            .py_err()?;
+        match r {
+            Ok(w) => {
+                let gptes: Vec<(u8, u64, u64)> = w.gptes.to_vec();
+                (
+                    true,
+                    w.gpa,
+                    w.level,
+                    w.page_size,
+                    w.access,
+                    w.pkey,
+                    w.dirty,
+                    gptes,
+                )
+                    .into_pyobject(py)
+            }
+            Err(e) => {
+                let address = match e {
+                    WalkError::PageFault { address, .. } => address,
+                    WalkError::GeneralProtection { .. } => gva,
+                };
+                (false, e.vector(), e.error_code(), address).into_pyobject(py)
+            }
+        }
+    }
+
+    /// Walk every gva of a uint64 array: (gpas, vectors, error_codes) arrays; a fault
+    /// gives gpa 2**64-1 and its vector and error code, a success vector 0.
+    #[pyo3(signature = (gvas, write = false, user = false, fetch = false, implicit = false))]
+    #[allow(clippy::type_complexity)]
+    fn walk_many<'py>(
+        &self,
+        py: Python<'py>,
+        gvas: PyReadonlyArray1<'py, u64>,
+        write: bool,
+        user: bool,
+        fetch: bool,
+        implicit: bool,
+    ) -> PyResult<(
+        Bound<'py, PyArray1<u64>>,
+        Bound<'py, PyArray1<u8>>,
+        Bound<'py, PyArray1<u32>>,
+    )> {
+        let input: Vec<u64> = match gvas.as_slice() {
+            Ok(s) => s.to_vec(),
+            Err(_) => gvas.as_array().iter().copied().collect(),
+        };
+        let n = input.len();
+        let (mut g, mut v, mut e) = (vec![0u64; n], vec![0u8; n], vec![0u32; n]);
+        py.detach(|| {
+            self.vcpu.walk_many(
+                &input,
+                access(write, user, fetch, implicit),
+                &mut g,
+                &mut v,
+                &mut e,
+            )
+        })
+        .py_err()?;
+        Ok((
+            PyArray1::from_vec(py, g),
+            PyArray1::from_vec(py, v),
+            PyArray1::from_vec(py, e),
+        ))
+    }
+
+    /// PKRU, the protection-key rights register the walker checks.
+    #[getter]
+    fn get_pkru(&self) -> u32 {
+        self.vcpu.state().pkru
+    }
+
+    #[setter]
+    fn set_pkru(&self, value: u32) {
+        self.vcpu.state().pkru = value;
+    }
+
+    /// The PAE PDPTE registers.
+    #[getter]
+    fn pdptrs(&self) -> [u64; 4] {
+        self.vcpu.state().pdptrs
+    }
+
+    /// The paging mode: "none", "32-bit", "pae", "4-level" or "5-level".
+    #[getter]
+    fn mode(&self) -> &'static str {
+        match self.vcpu.state().walk_ctx().mode() {
+            PagingMode::None => "none",
+            PagingMode::Bits32 => "32-bit",
+            PagingMode::Pae => "pae",
+            PagingMode::Long4 => "4-level",
+            PagingMode::Long5 => "5-level",
+        }
     }
 }
 
@@ -292,6 +430,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SimKvm>()?;
     m.add_class::<GuestMemory>()?;
     m.add_class::<MemoryPin>()?;
+    m.add_class::<VcpuMmu>()?;
     m.add_function(wrap_pyfunction!(struct_sizes, m)?)?;
     m.add_function(wrap_pyfunction!(ioctl_numbers, m)?)?;
     m.add_function(wrap_pyfunction!(supported_capabilities, m)?)?;

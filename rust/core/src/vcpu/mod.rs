@@ -2,6 +2,7 @@
 
 pub mod debugregs;
 pub mod events;
+pub mod mmu;
 pub mod mp_state;
 pub mod sregs;
 
@@ -35,6 +36,10 @@ pub struct VcpuState {
     pub mp: mp_state::MpState,
     /// The CPUID table given to KVM_SET_CPUID2, as given (empty until then); see crate::cpuid.
     pub cpuid: Vec<uapi::kvm_cpuid_entry2>,
+    /// PAE paging: the PDPTE registers (loaded from CR3 at the architectural points).
+    pub pdptrs: [u64; 4],
+    /// PKRU (XSAVE state component 9; set through the simulator-only API).
+    pub pkru: u32,
 }
 
 impl VcpuState {
@@ -48,6 +53,8 @@ impl VcpuState {
             debugregs: debugregs::DebugRegs::default(),
             mp: mp_state::MpState::reset(bsp),
             cpuid: Vec::new(),
+            pdptrs: [0; 4],
+            pkru: 0,
         }
     }
 }
@@ -136,6 +143,7 @@ impl Vcpu {
         let features = st.features;
         sregs::set_sregs(&features, &mut st.sregs, new)?;
         mp_state::after_set_sregs(&mut st);
+        self.reload_pdptrs_if_pae(&mut st);
         Ok(())
     }
 
@@ -169,6 +177,7 @@ impl Vcpu {
                 Err(Errno::EINVAL)
             }
             _ => events::ioctl(self, request, arg, ua)
+                .or_else(|| mmu::ioctl(self, request, arg, ua))
                 .or_else(|| debugregs::ioctl(self, request, arg, ua))
                 .or_else(|| mp_state::ioctl(self, request, arg, ua))
                 .or_else(|| crate::cpuid::vcpu_ioctl(self, request, arg, ua))
