@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import kvmmmu
@@ -72,6 +72,10 @@ def _set_events(vcpu: kvmmmu.Vcpu, data: dict[str, Any]) -> tuple[int, Any]:
 @SETTINGS
 @given(caps, events_in)
 def test_events_get_is_a_fixpoint(c: dict[str, bool], data: dict[str, Any]) -> None:
+    # Soft exceptions (#BP, #OF) are the kernel's exception to the fixpoint: GET hides
+    # them as neither injected nor pending but still reports their payload, and SET of a
+    # non-pending exception drops the payload (the device does the same).
+    assume(data["exception"]["nr"] not in (3, 4))
     with kvmmmu.Kvm() as kvm:
         vm, vcpu = _vcpu(kvm, c)
         err, _ = _set_events(vcpu, data)
