@@ -131,6 +131,28 @@ class VcpuMmu:
         arr = np.ascontiguousarray(gvas, dtype=np.uint64)
         return self._mmu.walk_many(arr, write, user, fetch, implicit)
 
+    def _write(self, reg: str, value: int) -> None:
+        fault = self._mmu.write_control(reg, value)
+        if fault is not None:
+            raise GuestPageFault(fault[0], fault[1], 0)
+
+    def load_cr3(self, cr3: int) -> None:
+        """MOV to CR3: #GP (GuestPageFault vector 13) for bits above MAXPHYADDR or, in
+        PAE paging, a PDPTE with reserved bits; reloads the PDPTEs in PAE paging."""
+        self._write("cr3", cr3)
+
+    def set_cr0(self, cr0: int) -> None:
+        """MOV to CR0, with the architectural #GP checks; EFER.LMA follows PG with LME."""
+        self._write("cr0", cr0)
+
+    def set_cr4(self, cr4: int) -> None:
+        """MOV to CR4, with the architectural #GP checks and the PAE PDPTE reload."""
+        self._write("cr4", cr4)
+
+    def set_efer(self, efer: int) -> None:
+        """WRMSR IA32_EFER: reserved bits and LME changes while paging are #GP."""
+        self._write("efer", efer)
+
     @property
     def pkru(self) -> int:
         return int(self._mmu.pkru)

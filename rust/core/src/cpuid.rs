@@ -706,7 +706,8 @@ mod tests {
         assert_eq!(CpuFeatures::from_cpuid(&t, &s), s);
         assert_eq!(s.maxphyaddr, 48);
         let l = |f, i| t[find_index(&t, f, i).unwrap()];
-        assert_eq!(l(0x8000_0008, 0).eax, 0x3000 | 48);
+        let linear = if s.la57 { 57 } else { 48 };
+        assert_eq!(l(0x8000_0008, 0).eax, linear << 8 | 48);
         let ext = l(0x8000_0001, 0).edx;
         assert_eq!(ext & bits::LM != 0, s.lm);
         assert_eq!(ext & bits::NX != 0, s.nx);

@@ -223,6 +223,23 @@ impl VcpuMmu {
         ))
     }
 
+    /// MOV to CR0/CR3/CR4 or WRMSR EFER as the guest does it: None, or the fault
+    /// (vector, error_code) it raises (#GP).
+    fn write_control(&self, reg: &str, value: u64) -> PyResult<Option<(u8, u32)>> {
+        let r = match reg {
+            "cr0" => self.vcpu.mov_cr0(value),
+            "cr3" => self.vcpu.mov_cr3(value),
+            "cr4" => self.vcpu.mov_cr4(value),
+            "efer" => self.vcpu.wrmsr_efer(value),
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "no control register {reg:?}"
+                )))
+            }
+        };
+        Ok(r.err().map(|e| (e.vector(), e.error_code())))
+    }
+
     /// PKRU, the protection-key rights register the walker checks.
     #[getter]
     fn get_pkru(&self) -> u32 {

@@ -1,5 +1,6 @@
 //! The vCPU: its architectural state, its mmap area and its ioctls.
 
+pub mod cr;
 pub mod debugregs;
 pub mod events;
 pub mod mmu;

@@ -245,16 +245,17 @@ impl CpuFeatures {
     };
 
     /// The simulator's supported set: a vCPU after KVM_SET_CPUID2 with the simulator's
-    /// KVM_GET_SUPPORTED_CPUID. It follows what the device's vCPU reports after KVM_SET_CPUID2
-    /// (NX, LM, X2APIC, SMEP, SMAP, UMIP, FSGSBASE, XSAVE; no PDPE1GB, LA57, PKU, PCID, VMX, SVM,
-    /// LAM, CET, FRED) with MAXPHYADDR 48 (the reference machine's 0x80000008.EAX = 0x3030; the
-    /// host this was probed on reports 46).
+    /// KVM_GET_SUPPORTED_CPUID: what the model implements. NX, LM, X2APIC, SMEP, SMAP, UMIP,
+    /// FSGSBASE, XSAVE, and the walker's 1 GiB pages (PDPE1GB) and 5-level paging (LA57); no
+    /// PKU (KVM never offers it with the shadow MMU, the simulator's default; the walker
+    /// implements protection keys for CR4.PKE), PCID, VMX, SVM, LAM, CET, FRED. MAXPHYADDR
+    /// 48, the reference machine's 0x80000008.EAX = 0x3030.
     pub const SUPPORTED: CpuFeatures = CpuFeatures {
         maxphyaddr: 48,
         lm: true,
         nx: true,
-        pdpe1gb: false,
-        la57: false,
+        pdpe1gb: true,
+        la57: true,
         smep: true,
         smap: true,
         pku: false,
@@ -929,7 +930,12 @@ mod tests {
             CR4_FRED,
         ] {
             ok_same(&all, lm64(), |s| s.cr4 |= b);
-            rejected(&CpuFeatures::SUPPORTED, lm64(), |s| s.cr4 |= b);
+            let without = CpuFeatures {
+                pku: false,
+                la57: false,
+                ..CpuFeatures::SUPPORTED
+            };
+            rejected(&without, lm64(), |s| s.cr4 |= b);
         }
         // PCIDE is not tied to LMA or CR3[11:0] in SET_SREGS.
         ok_same(&all, pm32(), |s| s.cr4 |= CR4_PCIDE);
@@ -1351,8 +1357,11 @@ mod tests {
             e(0x8000_0008, 0, 0x392e, 0, 0, 0),
         ];
         let f = CpuFeatures::from_cpuid(&table, &CpuFeatures::SUPPORTED);
+        // The device's table has neither PDPE1GB nor LA57.
         let expect = CpuFeatures {
             maxphyaddr: 46,
+            pdpe1gb: false,
+            la57: false,
             ..CpuFeatures::SUPPORTED
         };
         assert_eq!(f, expect);
