@@ -14,10 +14,10 @@ use super::{
 const MAX_RETRIES: usize = 64;
 
 /// Walk `gva` in an already decided paging mode (no canonical check).
-pub fn walk_mode(
+pub fn walk_mode<M: GuestMem + ?Sized>(
     ctx: &WalkCtx,
     mode: PagingMode,
-    mem: &dyn GuestMem,
+    mem: &M,
     gva: u64,
     access: Access,
 ) -> Result<Walk, WalkError> {
@@ -31,13 +31,16 @@ pub fn walk_mode(
             dirty: false,
             gptes: Gptes::EMPTY,
         }),
-        PagingMode::Bits32 => walk_generic::<Pt32>(ctx, mode, mem, gva & 0xffff_ffff, access),
-        PagingMode::Pae => walk_generic::<Pt64>(ctx, mode, mem, gva & 0xffff_ffff, access),
-        PagingMode::Long4 | PagingMode::Long5 => walk_generic::<Pt64>(ctx, mode, mem, gva, access),
+        PagingMode::Bits32 => walk_generic::<Pt32, M>(ctx, mode, mem, gva & 0xffff_ffff, access),
+        PagingMode::Pae => walk_generic::<Pt64, M>(ctx, mode, mem, gva & 0xffff_ffff, access),
+        PagingMode::Long4 | PagingMode::Long5 => {
+            walk_generic::<Pt64, M>(ctx, mode, mem, gva, access)
+        }
     }
 }
 
-fn read_gpte<P: PteFormat>(mem: &dyn GuestMem, gpa: u64) -> Option<u64> {
+#[inline]
+fn read_gpte<P: PteFormat, M: GuestMem + ?Sized>(mem: &M, gpa: u64) -> Option<u64> {
     let mut b = [0u8; 8];
     if !mem.read(gpa, &mut b[..P::SIZE]) {
         return None;
@@ -70,10 +73,10 @@ fn fault(errcode: u32, ctx: &WalkCtx, access: Access, gva: u64) -> WalkError {
     }
 }
 
-fn walk_generic<P: PteFormat>(
+fn walk_generic<P: PteFormat, M: GuestMem + ?Sized>(
     ctx: &WalkCtx,
     mode: PagingMode,
-    mem: &dyn GuestMem,
+    mem: &M,
     gva: u64,
     access: Access,
 ) -> Result<Walk, WalkError> {
@@ -107,7 +110,7 @@ fn walk_generic<P: PteFormat>(
         let mut pte;
         loop {
             let gpa = table + P::index(gva, level) * P::SIZE as u64;
-            pte = match read_gpte::<P>(mem, gpa) {
+            pte = match read_gpte::<P, M>(mem, gpa) {
                 Some(v) => v,
                 // No memslot behind the table: a not-present fault.
                 None => return Err(fault(0, ctx, access, gva)),

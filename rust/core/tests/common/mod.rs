@@ -130,7 +130,7 @@ pub fn run_walker(cpu: &OracleCpu, mem: &TestMem, gva: u64, acc: OracleAccess) -
             level: w.level,
             page_size: w.page_size,
             access: w.access,
-            gptes: w.gptes.clone(),
+            gptes: w.gptes.to_vec(),
         },
         Err(WalkError::PageFault {
             error_code,
@@ -236,17 +236,31 @@ pub fn diff(paging_off: bool, exp: &Observed, got: &Observed, opts: CompareOpts)
                 v.iter().map(|&(l, a, x)| (l, a, x & mask)).collect()
             };
             if norm(ept) != norm(gpt) {
-                let _ = write!(s, " gptes: expected {} got {};", fmt_gptes(ept), fmt_gptes(gpt));
+                let _ = write!(
+                    s,
+                    " gptes: expected {} got {};",
+                    fmt_gptes(ept),
+                    fmt_gptes(gpt)
+                );
             }
         }
         (e, g) => {
             if e != g {
-                let _ = write!(s, " outcome: expected {} got {};", fmt_outcome(e), fmt_outcome(g));
+                let _ = write!(
+                    s,
+                    " outcome: expected {} got {};",
+                    fmt_outcome(e),
+                    fmt_outcome(g)
+                );
             }
         }
     }
     if exp.mem_after != got.mem_after {
-        let _ = write!(s, " memory after:{};", mem_diff(&exp.mem_after, &got.mem_after));
+        let _ = write!(
+            s,
+            " memory after:{};",
+            mem_diff(&exp.mem_after, &got.mem_after)
+        );
     }
     if opts.exact_writes && exp.writes != got.writes {
         let _ = write!(
@@ -281,7 +295,10 @@ pub fn fmt_outcome(o: &OracleOutcome) -> String {
             address,
         } => {
             if *vector == VEC_PF {
-                format!("#PF(ec {error_code:#x} [{}], cr2 {address:#x})", fmt_pfec(*error_code))
+                format!(
+                    "#PF(ec {error_code:#x} [{}], cr2 {address:#x})",
+                    fmt_pfec(*error_code)
+                )
             } else {
                 format!("#{vector}({error_code:#x})")
             }

@@ -563,7 +563,13 @@ fn walk_ia32e(cpu: &OracleCpu, mem: &OracleMem, gva: u64, levels: u8) -> Result<
 
 /// Returns (fault, pk): whether the access violates the rights, and whether
 /// the protection-key check alone would refuse it (PFEC.PK).
-fn check_rights(cpu: &OracleCpu, acc: OracleAccess, r: Rights, pkey: u32, long_mode: bool) -> (bool, bool) {
+fn check_rights(
+    cpu: &OracleCpu,
+    acc: OracleAccess,
+    r: Rights,
+    pkey: u32,
+    long_mode: bool,
+) -> (bool, bool) {
     let wp = cpu.cr0 & CR0_WP != 0;
     let smep = cpu.cr4 & CR4_SMEP != 0;
     let smap = cpu.cr4 & CR4_SMAP != 0;
