@@ -84,6 +84,7 @@ impl HostRegion {
         (end <= region.size as u64).then_some((region, off as usize))
     }
 
+    #[inline]
     fn check(&self, off: usize, len: usize) -> Result<()> {
         match off.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
@@ -114,6 +115,7 @@ impl HostRegion {
 
     /// Atomically load a naturally aligned 4- or 8-byte little-endian value (a gpte
     /// the guest may be writing concurrently).
+    #[inline]
     pub fn load(&self, off: usize, size: usize) -> Result<u64> {
         self.check(off, size)?;
         if off % size != 0 {

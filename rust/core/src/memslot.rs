@@ -115,6 +115,12 @@ impl GuestMem for MemSlots {
         }
     }
 
+    #[inline]
+    fn read_gpte(&self, gpa: u64, size: usize) -> Option<u64> {
+        let (slot, off) = self.host_of(gpa, size)?;
+        slot.host.load(off, size).ok()
+    }
+
     fn cmpxchg(&self, gpa: u64, size: usize, old: u64, new: u64) -> std::result::Result<bool, ()> {
         let (slot, off) = self.host_of(gpa, size).ok_or(())?;
         if slot.readonly() {

@@ -11,7 +11,7 @@ pub mod pte;
 pub mod rsvd;
 pub mod walker;
 
-pub use walker::walk_mode;
+pub use walker::{walk_mode, GuestMmu};
 
 use crate::vcpu::sregs::{CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PSE, CR4_SMAP, CR4_SMEP};
 
@@ -241,6 +241,14 @@ impl WalkError {
 pub trait GuestMem {
     /// Read 4 or 8 bytes at `gpa`; false if no memslot backs it.
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool;
+    /// Read a naturally aligned 4- or 8-byte little-endian gpte (the walker's hot path;
+    /// implementations may override it with an atomic load).
+    #[inline]
+    fn read_gpte(&self, gpa: u64, size: usize) -> Option<u64> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b[..size])
+            .then(|| u64::from_le_bytes(b))
+    }
     /// Atomic compare-exchange of a 4- or 8-byte value at `gpa`: Ok(true) swapped,
     /// Ok(false) the value changed meanwhile, Err(()) no memslot or read-only slot.
     #[allow(clippy::result_unit_err)]
@@ -264,9 +272,5 @@ pub fn walk(
     gva: u64,
     access: Access,
 ) -> Result<Walk, WalkError> {
-    let mode = ctx.mode();
-    if mode.is_long() && !is_canonical(gva, mode == PagingMode::Long5) {
-        return Err(WalkError::GeneralProtection { error_code: 0 });
-    }
-    walk_mode(ctx, mode, mem, gva, access)
+    GuestMmu::new(ctx).walk(mem, gva, access)
 }

@@ -13,6 +13,66 @@ use super::{
 /// How many times a walk restarts when its A/D compare-exchange loses a race.
 const MAX_RETRIES: usize = 64;
 
+/// The guest MMU context: the walk state derived once from the CPU state, as KVM
+/// derives its cpu_role and reserved-bit masks when the paging context is reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestMmu {
+    pub ctx: WalkCtx,
+    pub mode: PagingMode,
+    pub rsvd: RsvdMasks,
+}
+
+impl GuestMmu {
+    pub fn new(ctx: &WalkCtx) -> GuestMmu {
+        let mode = ctx.mode();
+        GuestMmu {
+            ctx: *ctx,
+            mode,
+            rsvd: RsvdMasks::new(ctx, mode),
+        }
+    }
+
+    /// A guest access: the canonical check of long mode, then the walk.
+    #[inline]
+    pub fn walk<M: GuestMem + ?Sized>(
+        &self,
+        mem: &M,
+        gva: u64,
+        access: Access,
+    ) -> Result<Walk, WalkError> {
+        if self.mode.is_long() && !super::is_canonical(gva, self.mode == PagingMode::Long5) {
+            return Err(WalkError::GeneralProtection { error_code: 0 });
+        }
+        self.walk_no_canonical_check(mem, gva, access)
+    }
+
+    /// The walk alone (KVM's gva_to_gpa, as KVM_TRANSLATE uses it).
+    #[inline]
+    pub fn walk_no_canonical_check<M: GuestMem + ?Sized>(
+        &self,
+        mem: &M,
+        gva: u64,
+        access: Access,
+    ) -> Result<Walk, WalkError> {
+        match self.mode {
+            PagingMode::None => Ok(Walk {
+                gpa: gva,
+                level: 0,
+                page_size: 4096,
+                access: ACC_ALL,
+                pkey: 0,
+                dirty: false,
+                gptes: Gptes::EMPTY,
+            }),
+            PagingMode::Bits32 => walk_generic::<Pt32, M>(self, mem, gva & 0xffff_ffff, access),
+            PagingMode::Pae => walk_generic::<Pt64, M>(self, mem, gva & 0xffff_ffff, access),
+            PagingMode::Long4 | PagingMode::Long5 => {
+                walk_generic::<Pt64, M>(self, mem, gva, access)
+            }
+        }
+    }
+}
+
 /// Walk `gva` in an already decided paging mode (no canonical check).
 pub fn walk_mode<M: GuestMem + ?Sized>(
     ctx: &WalkCtx,
@@ -21,31 +81,17 @@ pub fn walk_mode<M: GuestMem + ?Sized>(
     gva: u64,
     access: Access,
 ) -> Result<Walk, WalkError> {
-    match mode {
-        PagingMode::None => Ok(Walk {
-            gpa: gva,
-            level: 0,
-            page_size: 4096,
-            access: ACC_ALL,
-            pkey: 0,
-            dirty: false,
-            gptes: Gptes::EMPTY,
-        }),
-        PagingMode::Bits32 => walk_generic::<Pt32, M>(ctx, mode, mem, gva & 0xffff_ffff, access),
-        PagingMode::Pae => walk_generic::<Pt64, M>(ctx, mode, mem, gva & 0xffff_ffff, access),
-        PagingMode::Long4 | PagingMode::Long5 => {
-            walk_generic::<Pt64, M>(ctx, mode, mem, gva, access)
-        }
-    }
+    let mmu = GuestMmu {
+        ctx: *ctx,
+        mode,
+        rsvd: RsvdMasks::new(ctx, mode),
+    };
+    mmu.walk_no_canonical_check(mem, gva, access)
 }
 
 #[inline]
 fn read_gpte<P: PteFormat, M: GuestMem + ?Sized>(mem: &M, gpa: u64) -> Option<u64> {
-    let mut b = [0u8; 8];
-    if !mem.read(gpa, &mut b[..P::SIZE]) {
-        return None;
-    }
-    Some(u64::from_le_bytes(b))
+    mem.read_gpte(gpa, P::SIZE)
 }
 
 /// Is `pte` at `level` the last level of the walk (FNAME(is_last_gpte))?
@@ -74,13 +120,12 @@ fn fault(errcode: u32, ctx: &WalkCtx, access: Access, gva: u64) -> WalkError {
 }
 
 fn walk_generic<P: PteFormat, M: GuestMem + ?Sized>(
-    ctx: &WalkCtx,
-    mode: PagingMode,
+    mmu: &GuestMmu,
     mem: &M,
     gva: u64,
     access: Access,
 ) -> Result<Walk, WalkError> {
-    let rsvd = RsvdMasks::new(ctx, mode);
+    let (ctx, mode, rsvd) = (&mmu.ctx, mmu.mode, &mmu.rsvd);
     // Inverting NX lets it be ANDed like the other permission bits.
     let nx_mask = if P::WIDE { PT64_NX } else { 0 };
     'retry: for _ in 0..MAX_RETRIES {

@@ -84,10 +84,10 @@ impl Vcpu {
         vectors: &mut [u8],
         error_codes: &mut [u32],
     ) -> Result<()> {
-        let ctx = self.state().walk_ctx();
+        let mmu = paging::GuestMmu::new(&self.state().walk_ctx());
         self.with_guest_mem(|m| {
             for (i, &gva) in gvas.iter().enumerate() {
-                match paging::walk(&ctx, m, gva, access) {
+                match mmu.walk(m, gva, access) {
                     Ok(w) => {
                         gpas[i] = w.gpa;
                         vectors[i] = 0;
