@@ -123,6 +123,8 @@ class SimTransport:
         return self.core.open()
 
     def ioctl(self, fd: int, request: int, arg: Arg = 0, mutate_flag: bool = True) -> Any:
+        # The kernel takes the request as an unsigned int (libc passes an unsigned long).
+        request &= 0xFFFF_FFFF_FFFF_FFFF
         if isinstance(arg, int):
             return self.core.ioctl(fd, request, arg & 0xFFFF_FFFF_FFFF_FFFF)
         if isinstance(arg, str):

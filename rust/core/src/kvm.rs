@@ -52,7 +52,9 @@ fn new_memfd(name: &str) -> Result<OwnedFd> {
 
 /// KVM_CHECK_EXTENSION: exactly what the simulator implements.
 pub fn check_extension(capability: u64) -> i64 {
-    let online = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
+    static ONLINE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let online =
+        *ONLINE.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) as i64);
     match capability {
         cap::USER_MEMORY
         | cap::DESTROY_MEMORY_REGION_WORKS

@@ -94,32 +94,50 @@ pub struct UserBuf<'a> {
     pub data: &'a mut [u8],
 }
 
+/// Where an access falls relative to the window.
+enum Place {
+    Inside(usize),
+    /// Starts inside the window but runs past its end: refused (EFAULT), so a short
+    /// buffer is never written beyond its end.
+    Straddles,
+    Outside,
+}
+
 impl UserBuf<'_> {
-    fn window(&self, addr: u64, len: usize) -> Option<usize> {
-        let off = addr.checked_sub(self.base)?;
-        let end = off.checked_add(len as u64)?;
-        (end <= self.data.len() as u64).then_some(off as usize)
+    fn place(&self, addr: u64, len: usize) -> Place {
+        let Some(off) = addr.checked_sub(self.base) else {
+            return Place::Outside;
+        };
+        if off >= self.data.len() as u64 {
+            return Place::Outside;
+        }
+        match off.checked_add(len as u64) {
+            Some(end) if end <= self.data.len() as u64 => Place::Inside(off as usize),
+            _ => Place::Straddles,
+        }
     }
 }
 
 impl UserAccess for UserBuf<'_> {
     fn copy_from_user(&mut self, addr: u64, buf: &mut [u8]) -> Result<()> {
-        match self.window(addr, buf.len()) {
-            Some(off) => {
+        match self.place(addr, buf.len()) {
+            Place::Inside(off) => {
                 buf.copy_from_slice(&self.data[off..off + buf.len()]);
                 Ok(())
             }
-            None => ProcessVm.copy_from_user(addr, buf),
+            Place::Straddles => Err(Errno::EFAULT),
+            Place::Outside => ProcessVm.copy_from_user(addr, buf),
         }
     }
 
     fn copy_to_user(&mut self, addr: u64, buf: &[u8]) -> Result<()> {
-        match self.window(addr, buf.len()) {
-            Some(off) => {
+        match self.place(addr, buf.len()) {
+            Place::Inside(off) => {
                 self.data[off..off + buf.len()].copy_from_slice(buf);
                 Ok(())
             }
-            None => ProcessVm.copy_to_user(addr, buf),
+            Place::Straddles => Err(Errno::EFAULT),
+            Place::Outside => ProcessVm.copy_to_user(addr, buf),
         }
     }
 }
@@ -174,6 +192,9 @@ mod tests {
         ub.copy_from_user(outside.as_ptr() as u64, &mut got)
             .unwrap();
         assert_eq!(got, [9; 4]);
+        // starts inside, runs past the end: refused, nothing written
         assert_eq!(ub.copy_from_user(0x100e, &mut got), Err(Errno::EFAULT));
+        assert_eq!(ub.copy_to_user(0x100e, &[7; 4]), Err(Errno::EFAULT));
+        assert_eq!(ub.data[14..], [0, 0]);
     }
 }

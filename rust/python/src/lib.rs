@@ -18,6 +18,9 @@ use pyo3::exceptions::{PyBufferError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
+/// fcntl.ioctl's copy buffer size for buffer arguments.
+const IOCTL_ARG_COPY: usize = 1024;
+
 /// The one place a core errno becomes a Python exception: OSError(errno, strerror),
 /// which Python turns into the matching subclass (FileExistsError for EEXIST, ...).
 fn os_error(e: Errno) -> PyErr {
@@ -87,7 +90,13 @@ impl SimKvm {
         if !buf.is_c_contiguous() {
             return Err(PyBufferError::new_err("ioctl buffer must be C-contiguous"));
         }
+        // As fcntl.ioctl does, the argument is copied into a buffer of at least 1024
+        // bytes, so a request whose struct is larger than the Python buffer writes into
+        // the copy, never past the end of the caller's object; only the caller's length
+        // is copied back.
+        let len = buf.len_bytes();
         let mut data = buf.to_vec(py)?;
+        data.resize(len.max(IOCTL_ARG_COPY), 0);
         let base = buf.buf_ptr() as u64;
         let r = py.detach(|| {
             let mut ua = UserBuf {
@@ -97,7 +106,7 @@ impl SimKvm {
             self.inner.ioctl(fd, request, base, &mut ua)
         });
         if !buf.readonly() {
-            buf.copy_from_slice(py, &data)?;
+            buf.copy_from_slice(py, &data[..len])?;
         }
         r.py_err()
     }

@@ -122,7 +122,12 @@ pub fn to_access(acc: OracleAccess) -> Access {
 }
 
 /// Run the walker and express its answer in the oracle's terms.
-pub fn run_walker(cpu: &OracleCpu, mem: &TestMem, gva: u64, acc: OracleAccess) -> OracleOutcome {
+pub fn run_walker<M: GuestMem>(
+    cpu: &OracleCpu,
+    mem: &M,
+    gva: u64,
+    acc: OracleAccess,
+) -> OracleOutcome {
     let ctx = to_walk_ctx(cpu);
     match walk(&ctx, mem, gva, to_access(acc)) {
         Ok(w) => OracleOutcome::Ok {
@@ -454,6 +459,7 @@ impl Chain {
 /// added for a large leaf). For PAE the PDPT page is at `first_table_gfn`
 /// too (CR3 points at it, plus offset 0x20 to exercise CR3[11:5]) and its
 /// entry is also loaded into `cpu.pdptrs`.
+#[allow(clippy::too_many_arguments)]
 pub fn build_chain(
     mode: Mode,
     mem: &mut OracleMem,
@@ -472,7 +478,7 @@ pub fn build_chain(
         table: [0; 6],
     };
     let size = mode.entry_size() as u64;
-    let mut gfn = first_table_gfn;
+    let gfn = first_table_gfn;
     let top: u8 = match mode {
         Mode::Off => return chain,
         Mode::Bits32 { .. } => 2,
@@ -486,7 +492,7 @@ pub fn build_chain(
     } else {
         cpu.cr3 = gfn << 12;
     }
-    for level in (leaf_level..=top).rev() {
+    for (level, gfn) in (leaf_level..=top).rev().zip(gfn..) {
         mem.add_page(gfn);
         chain.table[level as usize] = gfn;
         let idx = if mode == Mode::Pae && level == 3 {
@@ -513,7 +519,6 @@ pub fn build_chain(
         if mode == Mode::Pae && level == 3 {
             cpu.pdptrs[idx as usize] = value;
         }
-        gfn += 1;
     }
     chain.cpu = cpu;
     chain
