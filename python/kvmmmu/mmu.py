@@ -11,8 +11,7 @@ guest would see. ``walk_many`` does the same for a numpy array of addresses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -62,8 +61,9 @@ class GuestPageFault(Exception):
         )
 
 
-@dataclass(frozen=True)
-class Gpte:
+class Gpte(NamedTuple):
+    """A guest entry the walk read: its level, where it lives, and its value."""
+
     level: int
     gpa: int
     value: int
@@ -72,8 +72,9 @@ class Gpte:
         return f"Gpte(level={self.level}, gpa={self.gpa:#x}, value={self.value:#x})"
 
 
-@dataclass(frozen=True)
-class WalkResult:
+class WalkResult(NamedTuple):
+    """A successful translation (immutable; a NamedTuple so that building one is cheap)."""
+
     gpa: int
     #: Leaf level: 1 = 4 KiB, 2 = 2/4 MiB, 3 = 1 GiB; 0 without paging.
     level: int
@@ -116,7 +117,7 @@ class VcpuMmu:
         if not r[0]:
             raise GuestPageFault(r[1], r[2], r[3])
         _, gpa, level, size, access, pkey, dirty, gptes = r
-        return WalkResult(gpa, level, size, access, pkey, dirty, tuple(Gpte(*g) for g in gptes))
+        return WalkResult(gpa, level, size, access, pkey, dirty, tuple(map(Gpte._make, gptes)))
 
     def walk_many(
         self,
