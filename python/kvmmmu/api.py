@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from . import cpuid as _cpuid
 from . import uapi
@@ -25,6 +25,8 @@ from ._core import GuestMemory
 from .mmu import VcpuMmu
 from .stats import StatsReader
 from .transport import DevTransport, SimTransport, Transport
+
+_S = TypeVar("_S", bound=ctypes.Structure)
 
 
 class _Fd:
@@ -294,18 +296,20 @@ class Vcpu(_Closable):
     def ioctl(self, request: int, arg: Any = 0) -> Any:
         return self.transport.ioctl(self.fd, request, arg)
 
+    def _get(self, struct: type[_S], request: int) -> _S:
+        """A GET ioctl that fills a fresh struct."""
+        out = struct()
+        self.ioctl(request, out)
+        return out
+
     def get_regs(self) -> uapi.kvm_regs:
-        regs = uapi.kvm_regs()
-        self.ioctl(uapi.KVM_GET_REGS, regs)
-        return regs
+        return self._get(uapi.kvm_regs, uapi.KVM_GET_REGS)
 
     def set_regs(self, regs: uapi.kvm_regs) -> None:
         self.ioctl(uapi.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> uapi.kvm_sregs:
-        sregs = uapi.kvm_sregs()
-        self.ioctl(uapi.KVM_GET_SREGS, sregs)
-        return sregs
+        return self._get(uapi.kvm_sregs, uapi.KVM_GET_SREGS)
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
         self.ioctl(uapi.KVM_SET_SREGS, sregs)
@@ -328,17 +332,13 @@ class Vcpu(_Closable):
         return self._mmu
 
     def get_vcpu_events(self) -> uapi.kvm_vcpu_events:
-        ev = uapi.kvm_vcpu_events()
-        self.ioctl(uapi.KVM_GET_VCPU_EVENTS, ev)
-        return ev
+        return self._get(uapi.kvm_vcpu_events, uapi.KVM_GET_VCPU_EVENTS)
 
     def set_vcpu_events(self, events: uapi.kvm_vcpu_events) -> None:
         self.ioctl(uapi.KVM_SET_VCPU_EVENTS, events)
 
     def get_debugregs(self) -> uapi.kvm_debugregs:
-        d = uapi.kvm_debugregs()
-        self.ioctl(uapi.KVM_GET_DEBUGREGS, d)
-        return d
+        return self._get(uapi.kvm_debugregs, uapi.KVM_GET_DEBUGREGS)
 
     def set_debugregs(self, debugregs: uapi.kvm_debugregs) -> None:
         self.ioctl(uapi.KVM_SET_DEBUGREGS, debugregs)
