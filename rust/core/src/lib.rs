@@ -7,6 +7,7 @@ pub mod errno;
 pub mod hostmem;
 pub mod kvm;
 pub mod memslot;
+pub mod mmu;
 pub mod paging;
 pub mod stats;
 pub mod uaccess;

@@ -1,0 +1,4 @@
+//! The shadow MMU's encodings: shadow-page roles and SPTEs (KVM's kvm_mmu_page_role and spte.h).
+
+pub mod role;
+pub mod spte;
