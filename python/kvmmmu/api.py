@@ -314,6 +314,14 @@ class Vcpu(_Closable):
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
         self.ioctl(uapi.KVM_SET_SREGS, sregs)
 
+    def get_sregs2(self) -> uapi.kvm_sregs2:
+        """KVM_GET_SREGS2: sregs without interrupt_bitmap, plus the PAE PDPTEs (flags
+        KVM_SREGS2_FLAGS_PDPTRS_VALID in PAE paging)."""
+        return self._get(uapi.kvm_sregs2, uapi.KVM_GET_SREGS2)
+
+    def set_sregs2(self, sregs2: uapi.kvm_sregs2) -> None:
+        self.ioctl(uapi.KVM_SET_SREGS2, sregs2)
+
     def translate(self, gva: int) -> uapi.kvm_translation:
         """KVM_TRANSLATE: a supervisor read walk that sets A bits on the way; the kernel
         always reports writeable=1 and usermode=0, and physical_address 2**64-1 with

@@ -478,6 +478,45 @@ def _odd_segment(s: uapi.kvm_sregs) -> None:
     s.ds.type, s.ds.present, s.ds.dpl, s.ds.padding = 0x1F, 2, 4, 0xFF
 
 
+def _sregs2_view(s2: uapi.kvm_sregs2) -> tuple[int, int]:
+    return (int(s2.flags), int(s2.cr0))
+
+
+def _sregs2_round_trip(env: Env) -> Any:
+    s2 = env.vcpu.get_sregs2()
+    lm = lm64(env.vcpu.get_sregs())
+    for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+        setattr(s2, name, getattr(lm, name))
+    s2.cr0, s2.cr3, s2.cr4, s2.efer = lm.cr0, lm.cr3, lm.cr4, lm.efer
+    env.vcpu.set_sregs2(s2)
+    got = env.vcpu.get_sregs2()
+    assert got.to_bytes()[:280] == s2.to_bytes()[:280]
+    return (int(got.flags), int(got.cr0), int(env.vcpu.get_sregs().efer))
+
+
+def _sregs2_flags(flags: int, base: str) -> Callable[[Env], Any]:
+    def run(env: Env) -> None:
+        s2 = env.vcpu.get_sregs2()
+        if base == "lm64":
+            lm = lm64(env.vcpu.get_sregs())
+            env.vcpu.set_sregs(lm)
+            s2 = env.vcpu.get_sregs2()
+        s2.flags = flags
+        env.vcpu.set_sregs2(s2)
+
+    return run
+
+
+def _sregs2_pae(env: Env) -> Any:
+    s2 = env.vcpu.get_sregs2()
+    s2.cr0, s2.cr4, s2.cr3 = 0x80000011, CR4_PAE, 0x1000
+    s2.flags = 1
+    s2.pdptrs[0], s2.pdptrs[2] = 0x2001, 0x3001
+    env.vcpu.set_sregs2(s2)
+    got = env.vcpu.get_sregs2()
+    return (int(got.flags), int(got.cr0), list(got.pdptrs))
+
+
 def _cr8_ignored(env: Env) -> Any:
     _sregs(_cr8_twice)(env)
     return _sregs(_set("cr8", 0x17))(env)["cr8"]
@@ -588,6 +627,21 @@ SREGS_CASES = [
         sim_expect=value("0xe0000011"),
         why="the device's PVM module cannot run legacy paging and silently drops CR0.PG; the "
         "simulator keeps it, as KVM on hardware does (it implements 2-level and PAE paging)",
+    ),
+    Case(
+        "sregs2 fresh vCPU", lambda env: _sregs2_view(env.vcpu.get_sregs2()), value((0, 0x60000010))
+    ),
+    Case("sregs2 long-mode round trip", _sregs2_round_trip, value((0, 0x80050033, 0xD01))),
+    Case("sregs2 PDPTRS_VALID in long mode", _sregs2_flags(1, "lm64"), errno_(E.EINVAL)),
+    Case("sregs2 unknown flag", _sregs2_flags(2, "reset"), errno_(E.EINVAL)),
+    Case("sregs2 NULL", lambda env: env.vcpu.ioctl(uapi.KVM_SET_SREGS2, 0), errno_(E.EFAULT)),
+    Case(
+        "sregs2 PAE paging with PDPTRS_VALID",
+        _sregs2_pae,
+        value((0, 0x11, [0, 0, 0, 0])),
+        sim_expect=value((1, 0x80000011, [0x2001, 0, 0x3001, 0])),
+        why="the device's PVM module cannot run PAE paging: it drops CR0.PG and with it the "
+        "PDPTEs; the simulator keeps PG and the given PDPTEs, as KVM on hardware",
     ),
     Case(
         "regs RFLAGS bit 1 forced, VM cleared",

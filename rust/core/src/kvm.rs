@@ -73,7 +73,8 @@ pub fn check_extension(capability: u64) -> i64 {
         | cap::IRQCHIP
         | cap::MP_STATE
         | cap::VCPU_EVENTS
-        | cap::DEBUGREGS => 1,
+        | cap::DEBUGREGS
+        | cap::SREGS2 => 1,
         cap::NR_VCPUS => online.min(crate::vm::KVM_MAX_VCPUS as i64),
         cap::MAX_VCPUS => crate::vm::KVM_MAX_VCPUS as i64,
         cap::MAX_VCPU_ID => crate::vm::KVM_MAX_VCPU_IDS as i64,

@@ -60,6 +60,37 @@ impl VcpuState {
     }
 }
 
+/// sizeof(struct kvm_sregs2): the kvm_sregs fields up to apic_base, then flags and pdptrs[4].
+const SREGS2_SIZE: usize = 320;
+/// Bytes of kvm_sregs shared with kvm_sregs2 (everything before interrupt_bitmap).
+const SREGS_COMMON: usize = 280;
+const _: () = assert!(std::mem::size_of::<uapi::kvm_sregs2_raw>() == SREGS2_SIZE);
+
+/// KVM_GET_SREGS2's bytes: flags PDPTRS_VALID and the PDPTEs only in PAE paging.
+fn sregs2_bytes(s: &kvm_sregs, pae: bool, pdptrs: &[u64; 4]) -> [u8; SREGS2_SIZE] {
+    use zerocopy::IntoBytes;
+    let mut out = [0u8; SREGS2_SIZE];
+    out[..SREGS_COMMON].copy_from_slice(&s.as_bytes()[..SREGS_COMMON]);
+    if pae {
+        out[SREGS_COMMON..SREGS_COMMON + 8].copy_from_slice(&1u64.to_le_bytes());
+        for (i, p) in pdptrs.iter().enumerate() {
+            let o = SREGS_COMMON + 8 + 8 * i;
+            out[o..o + 8].copy_from_slice(&p.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// The kvm_sregs (interrupt_bitmap zero), flags and PDPTEs of a kvm_sregs2.
+fn sregs2_parts(raw: &[u8; SREGS2_SIZE]) -> (kvm_sregs, u64, [u64; 4]) {
+    use zerocopy::{FromZeros, IntoBytes};
+    let mut s = kvm_sregs::new_zeroed();
+    s.as_mut_bytes()[..SREGS_COMMON].copy_from_slice(&raw[..SREGS_COMMON]);
+    let word = |o: usize| u64::from_le_bytes(raw[o..o + 8].try_into().expect("8 bytes"));
+    let pdptrs = [0, 1, 2, 3].map(|i| word(SREGS_COMMON + 8 + 8 * i));
+    (s, word(SREGS_COMMON), pdptrs)
+}
+
 /// One vCPU of a VM.
 pub struct Vcpu {
     pub id: u32,
@@ -148,6 +179,30 @@ impl Vcpu {
         Ok(())
     }
 
+    /// KVM_SET_SREGS2 (__set_sregs2): unknown flags or PDPTRS_VALID outside PAE paging are
+    /// EINVAL; with PDPTRS_VALID the given PDPTEs are used instead of a load from CR3; the
+    /// pending interrupt is left alone (there is no interrupt_bitmap).
+    fn set_sregs2(&self, raw: &[u8; SREGS2_SIZE]) -> Result<()> {
+        let (new, flags, pdptrs) = sregs2_parts(raw);
+        if flags & !sregs::SREGS2_FLAGS_PDPTRS_VALID != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let valid_pdptrs = flags & sregs::SREGS2_FLAGS_PDPTRS_VALID != 0;
+        if valid_pdptrs && !sregs::is_pae_paging(&new) {
+            return Err(Errno::EINVAL);
+        }
+        let mut st = self.state();
+        let features = st.features;
+        sregs::set_sregs(&features, &mut st.sregs, &new)?;
+        mp_state::after_set_sregs(&mut st);
+        if valid_pdptrs {
+            st.pdptrs = pdptrs;
+        } else {
+            self.reload_pdptrs_if_pae(&mut st);
+        }
+        Ok(())
+    }
+
     /// vCPU ioctl dispatch (kvm_vcpu_ioctl + kvm_arch_vcpu_ioctl).
     pub fn ioctl(&self, request: u64, arg: u64, ua: &mut dyn UserAccess) -> Result<i64> {
         match request {
@@ -169,6 +224,20 @@ impl Vcpu {
             uapi::KVM_SET_SREGS => {
                 let s: kvm_sregs = read_struct(ua, arg)?;
                 self.set_sregs(&s)?;
+                Ok(0)
+            }
+            uapi::KVM_GET_SREGS2 => {
+                let st = self.state();
+                let pae = sregs::is_pae_paging(&st.sregs);
+                let out = sregs2_bytes(&st.sregs, pae, &st.pdptrs);
+                drop(st);
+                ua.copy_to_user(arg, &out)?;
+                Ok(0)
+            }
+            uapi::KVM_SET_SREGS2 => {
+                let mut raw = [0u8; SREGS2_SIZE];
+                ua.copy_from_user(arg, &mut raw)?;
+                self.set_sregs2(&raw)?;
                 Ok(0)
             }
             uapi::KVM_ENABLE_CAP => {
