@@ -166,19 +166,12 @@ class Vm(_Closable):
     ) -> None:
         """KVM_SET_USER_MEMORY_REGION. ``userspace_addr`` may be a GuestMemory
         (its address is used and it stays pinned while the slot exists)."""
-        pin = None
-        if isinstance(userspace_addr, GuestMemory):
-            pin = userspace_addr._pin()
-            userspace_addr = userspace_addr.address
-        region = uapi.kvm_userspace_memory_region(
-            slot=slot,
-            flags=flags,
-            guest_phys_addr=guest_phys_addr,
-            memory_size=memory_size,
-            userspace_addr=userspace_addr,
+        self._set_region(
+            uapi.KVM_SET_USER_MEMORY_REGION,
+            uapi.kvm_userspace_memory_region,
+            dict(slot=slot, flags=flags, guest_phys_addr=guest_phys_addr, memory_size=memory_size),
+            userspace_addr,
         )
-        self.ioctl(uapi.KVM_SET_USER_MEMORY_REGION, region)
-        self._slot_changed(slot, region, pin)
 
     def set_user_memory_region2(
         self,
@@ -192,28 +185,30 @@ class Vm(_Closable):
         guest_memfd_offset: int = 0,
     ) -> None:
         """KVM_SET_USER_MEMORY_REGION2 (no guest_memfd on the default VM type)."""
+        self._set_region(
+            uapi.KVM_SET_USER_MEMORY_REGION2,
+            uapi.kvm_userspace_memory_region2,
+            dict(slot=slot, flags=flags, guest_phys_addr=guest_phys_addr, memory_size=memory_size),
+            userspace_addr,
+            guest_memfd=guest_memfd,
+            guest_memfd_offset=guest_memfd_offset,
+        )
+
+    def _set_region(
+        self,
+        request: int,
+        struct: type[ctypes.Structure],
+        fields: dict[str, int],
+        userspace_addr: int | GuestMemory,
+        **extra: int,
+    ) -> None:
         pin = None
         if isinstance(userspace_addr, GuestMemory):
             pin = userspace_addr._pin()
             userspace_addr = userspace_addr.address
-        region = uapi.kvm_userspace_memory_region2(
-            slot=slot,
-            flags=flags,
-            guest_phys_addr=guest_phys_addr,
-            memory_size=memory_size,
-            userspace_addr=userspace_addr,
-            guest_memfd=guest_memfd,
-            guest_memfd_offset=guest_memfd_offset,
-        )
-        self.ioctl(uapi.KVM_SET_USER_MEMORY_REGION2, region)
-        v1 = uapi.kvm_userspace_memory_region(
-            slot=slot,
-            flags=flags,
-            guest_phys_addr=guest_phys_addr,
-            memory_size=memory_size,
-            userspace_addr=userspace_addr,
-        )
-        self._slot_changed(slot, v1, pin)
+        self.ioctl(request, struct(**fields, userspace_addr=userspace_addr, **extra))
+        v1 = uapi.kvm_userspace_memory_region(**fields, userspace_addr=userspace_addr)
+        self._slot_changed(fields["slot"], v1, pin)
 
     def _slot_changed(self, slot: int, region: uapi.kvm_userspace_memory_region, pin: Any) -> None:
         if region.memory_size == 0:
