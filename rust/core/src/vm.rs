@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use crate::errno::{Errno, Result};
 use crate::hostmem::HostRegion;
 use crate::memslot::{Change, MemSlots, RegionIoctl};
+use crate::mmu::shadow::Mmu;
 use crate::uaccess::{read_struct, UserAccess};
 use crate::uapi::{
     self, kvm_enable_cap, kvm_userspace_memory_region, kvm_userspace_memory_region2,
@@ -26,8 +27,9 @@ pub struct VmCaps {
     pub triple_fault_event: bool,
 }
 
-/// VM-wide state behind the VM lock (kvm->slots_lock and friends in one).
-#[derive(Debug, Default)]
+/// VM-wide state behind the VM lock (kvm->slots_lock and friends in one). Lock order:
+/// a vCPU's state lock may be held while taking this one, never the reverse.
+#[derive(Debug)]
 pub struct VmState {
     pub memslots: MemSlots,
     pub vcpus: BTreeMap<u32, Arc<Vcpu>>,
@@ -38,34 +40,20 @@ pub struct VmState {
     pub tss_addr: Option<u64>,
     /// KVM_SET_IDENTITY_MAP_ADDR (VMX's EPT identity map; stored only).
     pub identity_map_addr: Option<u64>,
-    /// KVM_SET_NR_MMU_PAGES (n_requested_mmu_pages); 0 means "the default".
-    pub n_requested_mmu_pages: u64,
+    /// The shadow MMU: shadow pages, rmaps, write tracking, the page limit.
+    pub mmu: Mmu,
 }
 
 /// KVM_MIN_ALLOC_MMU_PAGES.
 pub const KVM_MIN_ALLOC_MMU_PAGES: u64 = 64;
-/// KVM_PERMILLE_MMU_PAGES: the default shadow-page limit is 2% of guest pages.
-pub const KVM_PERMILLE_MMU_PAGES: u64 = 20;
 /// The highest KVM_SET_TSS_ADDR: the three pages must end below 4 GiB (VMX's check).
 pub const TSS_ADDR_MAX: u64 = 0xffff_d000;
-
-impl VmState {
-    /// n_max_mmu_pages: the requested limit, or the default computed from the
-    /// memslots (kvm_mmu_calculate_default_mmu_pages).
-    pub fn n_max_mmu_pages(&self) -> u64 {
-        if self.n_requested_mmu_pages != 0 {
-            return self.n_requested_mmu_pages;
-        }
-        let pages: u64 = self.memslots.iter().map(|s| s.npages).sum();
-        (pages * KVM_PERMILLE_MMU_PAGES / 1000).max(KVM_MIN_ALLOC_MMU_PAGES)
-    }
-}
 
 pub struct Vm {
     state: Mutex<VmState>,
     self_ref: Weak<Vm>,
-    /// KVM's VM-wide counters (KVM_GET_STATS_FD).
-    pub stats: crate::stats::StatsFile,
+    /// KVM's VM-wide counters (KVM_GET_STATS_FD), shared with the MMU that drives them.
+    pub stats: Arc<crate::stats::StatsFile>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -80,13 +68,22 @@ impl Vm {
         if vm_type != 0 {
             return Err(Errno::EINVAL);
         }
-        let stats = crate::stats::StatsFile::new(
+        let stats = Arc::new(crate::stats::StatsFile::new(
             "kvm-vm-stats",
             &format!("kvm-{}", std::process::id()),
             crate::stats::VM_STATS,
-        )?;
+        )?);
+        let state = VmState {
+            memslots: MemSlots::default(),
+            vcpus: BTreeMap::new(),
+            irqchip: false,
+            caps: VmCaps::default(),
+            tss_addr: None,
+            identity_map_addr: None,
+            mmu: Mmu::new(stats.clone()),
+        };
         Ok(Arc::new_cyclic(|w| Vm {
-            state: Mutex::new(VmState::default()),
+            state: Mutex::new(state),
             self_ref: w.clone(),
             stats,
         }))
@@ -102,9 +99,21 @@ impl Vm {
         mem: &kvm_userspace_memory_region2,
         ioctl: RegionIoctl,
     ) -> Result<Change> {
-        self.state().memslots.set_region(mem, ioctl, |hva, len| {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let id = (mem.slot & 0xffff) as u16;
+        let old = st.memslots.get(id).cloned();
+        let change = st.memslots.set_region(mem, ioctl, |hva, len| {
             HostRegion::lookup(hva, len).ok_or(Errno::EFAULT)
-        })
+        })?;
+        // kvm_arch_commit_memory_region / kvm_arch_flush_shadow_memslot.
+        match (change, old, st.memslots.get(id)) {
+            (Change::Create, _, Some(new)) => st.mmu.slot_created(new),
+            (Change::Delete, Some(old), _) => st.mmu.slot_deleted(&old),
+            (Change::Move, Some(old), Some(new)) => st.mmu.slot_moved(&old, new),
+            _ => {}
+        }
+        Ok(change)
     }
 
     /// KVM_CREATE_VCPU.
@@ -180,10 +189,7 @@ impl Vm {
                 Ok(0)
             }
             uapi::KVM_SET_NR_MMU_PAGES => {
-                if arg < KVM_MIN_ALLOC_MMU_PAGES {
-                    return Err(Errno::EINVAL);
-                }
-                self.state().n_requested_mmu_pages = arg;
+                self.state().mmu.set_nr_mmu_pages(arg)?;
                 Ok(0)
             }
             uapi::KVM_SET_USER_MEMORY_REGION => {
@@ -207,5 +213,57 @@ impl Vm {
             // kvm_arch_vm_ioctl's default.
             _ => Err(Errno::ENOTTY),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(slot: u32, gpa: u64, size: u64, hva: u64) -> kvm_userspace_memory_region2 {
+        kvm_userspace_memory_region2 {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: hva,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn memslot_changes_reach_the_mmu() {
+        let host = HostRegion::new(64 << 20).unwrap();
+        let vm = Vm::new(0).unwrap();
+        let set = |r| vm.set_user_memory_region(&r, RegionIoctl::V1);
+        set(region(0, 0, 32 << 20, host.addr())).unwrap();
+        set(region(1, 1 << 32, 32 << 20, host.addr() + (32 << 20))).unwrap();
+        let check = || {
+            let st = vm.state();
+            st.mmu.check_invariants(&st.memslots).unwrap();
+            st.mmu.n_max()
+        };
+        // default limit: 16384 pages / 50
+        assert_eq!(check(), 327);
+        set(region(1, 2 << 32, 32 << 20, host.addr() + (32 << 20))).unwrap(); // move
+        assert_eq!(check(), 327);
+        set(region(1, 0, 0, 0)).unwrap(); // delete
+        assert_eq!(check(), 163);
+        // a requested limit sticks across slot changes
+        assert_eq!(
+            vm.ioctl(
+                uapi::KVM_SET_NR_MMU_PAGES,
+                63,
+                &mut crate::uaccess::ProcessVm
+            ),
+            Err(Errno::EINVAL)
+        );
+        vm.ioctl(
+            uapi::KVM_SET_NR_MMU_PAGES,
+            1000,
+            &mut crate::uaccess::ProcessVm,
+        )
+        .unwrap();
+        set(region(2, 3 << 32, 4 << 20, host.addr())).unwrap();
+        assert_eq!(check(), 1000);
     }
 }

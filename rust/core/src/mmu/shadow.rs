@@ -60,7 +60,6 @@ pub fn kvm_page_table_hashfn(gfn: u64) -> usize {
 
 /// The default shadow-page limit for `total_pages` of memslots (x86.c, commit of a
 /// created or deleted slot): one per 50 pages, at least KVM_MIN_ALLOC_MMU_PAGES.
-/// VmState::n_max_mmu_pages computes the same with 20 per mille.
 pub fn default_mmu_pages(total_pages: u64) -> u64 {
     (total_pages / KVM_MEMSLOT_PAGES_TO_MMU_PAGES_RATIO).max(KVM_MIN_ALLOC_MMU_PAGES)
 }
@@ -1746,7 +1745,6 @@ mod tests {
     use crate::paging::{ACC_ALL, ACC_EXEC, ACC_USER, ACC_WRITE};
     use crate::stats::VM_STATS;
     use crate::uapi::kvm_userspace_memory_region2;
-    use crate::vm::VmState;
 
     const RO: u8 = ACC_USER | ACC_EXEC;
 
@@ -1894,11 +1892,22 @@ mod tests {
 
     #[test]
     fn default_limit_agrees_with_vm_state() {
+        // Through the VM: creating a slot sets the default limit.
         for npages in [1u64, 3199, 3200, 3250, 50_000, 1 << 20] {
             let host = HostRegion::new(npages << 12).unwrap();
-            let mut vm = VmState::default();
-            add_slot(&mut vm.memslots, &host, 0, 0, npages << 12, 0);
-            assert_eq!(default_mmu_pages(npages), vm.n_max_mmu_pages(), "{npages}");
+            let vm = crate::vm::Vm::new(0).unwrap();
+            let r = crate::uapi::kvm_userspace_memory_region2 {
+                memory_size: npages << 12,
+                userspace_addr: host.addr(),
+                ..Default::default()
+            };
+            vm.set_user_memory_region(&r, crate::memslot::RegionIoctl::V1)
+                .unwrap();
+            assert_eq!(
+                default_mmu_pages(npages),
+                vm.state().mmu.n_max(),
+                "{npages}"
+            );
         }
         let mut e = env(50_000);
         assert_eq!(e.mmu.n_max(), 1000);
