@@ -1372,6 +1372,10 @@ impl Harness {
             if let Err(e) = slots.check_invariants() {
                 panic!("check_invariants: {e}");
             }
+            // The shadow MMU follows every memslot change (metadata per slot, limit).
+            if let Err(e) = st.mmu.check_invariants(slots) {
+                panic!("mmu check_invariants: {e}");
+            }
             for s in slots.iter() {
                 for gfn in [s.base_gfn, s.end_gfn() - 1] {
                     let found = slots.lookup(gfn).map(|x| x.id);
