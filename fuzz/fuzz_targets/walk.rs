@@ -46,7 +46,7 @@ use common::*;
 use kvmmmu_core::errno::Errno;
 use kvmmmu_core::hostmem::HostRegion;
 use kvmmmu_core::memslot::{MemSlots, RegionIoctl};
-use kvmmmu_core::paging::{walk, GuestMem, GuestMmu, Walk, WalkError};
+use kvmmmu_core::paging::{walk, GuestMem, GuestMmu, Walk};
 use kvmmmu_core::uapi::{kvm_userspace_memory_region2, KVM_MEM_READONLY};
 use libfuzzer_sys::fuzz_target;
 
@@ -903,43 +903,6 @@ fn slot_mem_diff(sm: &SlotMem, mem: &OracleMem) -> String {
 }
 
 // ---------------------------------------------------------------- the checks
-
-fn to_outcome(r: &Result<Walk, WalkError>) -> OracleOutcome {
-    match *r {
-        Ok(w) => OracleOutcome::Ok {
-            gpa: w.gpa,
-            level: w.level,
-            page_size: w.page_size,
-            access: w.access,
-            gptes: w.gptes.to_vec(),
-        },
-        Err(WalkError::PageFault {
-            error_code,
-            address,
-        }) => OracleOutcome::Fault {
-            vector: VEC_PF,
-            error_code,
-            address,
-        },
-        Err(WalkError::GeneralProtection { error_code }) => OracleOutcome::Fault {
-            vector: VEC_GP,
-            error_code,
-            address: 0,
-        },
-    }
-}
-
-/// Two entries of the walk at the same gpa (KVM's A/D cmpxchg then retries).
-fn has_aliases(o: &OracleOutcome) -> bool {
-    match o {
-        OracleOutcome::Ok { gptes, .. } => {
-            let mut g: Vec<u64> = gptes.iter().map(|t| t.1).collect();
-            g.sort_unstable();
-            g.windows(2).any(|w| w[0] == w[1])
-        }
-        _ => false,
-    }
-}
 
 /// Checks of a successful walk against itself and the memory: every in-memory entry
 /// it reports was read, the protection key and the dirty flag are the leaf's.

@@ -248,17 +248,6 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         )
 }
 
-fn has_aliases(o: &OracleOutcome) -> bool {
-    match o {
-        OracleOutcome::Ok { gptes, .. } => {
-            let mut g: Vec<u64> = gptes.iter().map(|t| t.1).collect();
-            g.sort();
-            g.windows(2).any(|w| w[0] == w[1])
-        }
-        _ => false,
-    }
-}
-
 fn cases() -> u32 {
     if let Some(n) = std::env::var("WALK_PROPS_CASES")
         .ok()

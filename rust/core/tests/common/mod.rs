@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
-use kvmmmu_core::paging::{walk, Access, GuestMem, WalkCtx, WalkError};
+use kvmmmu_core::paging::{walk, Access, GuestMem, Walk, WalkCtx, WalkError};
 
 pub use sdm_oracle::*;
 
@@ -128,8 +128,12 @@ pub fn run_walker<M: GuestMem>(
     gva: u64,
     acc: OracleAccess,
 ) -> OracleOutcome {
-    let ctx = to_walk_ctx(cpu);
-    match walk(&ctx, mem, gva, to_access(acc)) {
+    to_outcome(&walk(&to_walk_ctx(cpu), mem, gva, to_access(acc)))
+}
+
+/// A walker result in the oracle's terms.
+pub fn to_outcome(r: &Result<Walk, WalkError>) -> OracleOutcome {
+    match *r {
         Ok(w) => OracleOutcome::Ok {
             gpa: w.gpa,
             level: w.level,
@@ -150,6 +154,19 @@ pub fn run_walker<M: GuestMem>(
             error_code,
             address: 0,
         },
+    }
+}
+
+/// Two entries of the walk at the same gpa (KVM's A/D cmpxchg then retries, so the order
+/// of A/D writes is not fixed).
+pub fn has_aliases(o: &OracleOutcome) -> bool {
+    match o {
+        OracleOutcome::Ok { gptes, .. } => {
+            let mut g: Vec<u64> = gptes.iter().map(|t| t.1).collect();
+            g.sort_unstable();
+            g.windows(2).any(|w| w[0] == w[1])
+        }
+        _ => false,
     }
 }
 
