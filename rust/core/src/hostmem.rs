@@ -1,5 +1,6 @@
 //! Host memory the core owns: anonymous, MAP_NORESERVE mappings that back guest
-//! memory. This is the only place that maps or dereferences raw host memory.
+//! memory, and the shared memfd mappings of the vCPU area and the stats files.
+//! This is the only place that maps or dereferences raw host memory.
 //!
 //! A memslot may only name memory registered here (DESIGN.md): the registry maps
 //! an hva range back to its region, and a slot keeps its region alive through an
@@ -7,8 +8,9 @@
 
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
+use std::ops::Deref;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
@@ -16,72 +18,29 @@ use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
 use crate::errno::{Errno, Result};
 use crate::uapi::PAGE_SIZE;
 
-/// One anonymous mapping owned by the core.
-pub struct HostRegion {
+/// A mapping this module made, with every access to it bounds-checked. Dropping it
+/// unmaps it.
+pub struct Mapping {
     ptr: NonNull<u8>,
     size: usize,
 }
 
 // SAFETY: the mapping is plain memory owned by this object for its whole life;
-// concurrent access is the guest-memory model (like hardware, no locking), and all
-// accesses go through the bounds-checked methods below.
-unsafe impl Send for HostRegion {}
-// SAFETY: see Send; shared references only copy bytes in and out.
-unsafe impl Sync for HostRegion {}
+// concurrent access is the guest-memory model (like hardware, no locking) and the
+// KVM contract for shared areas (e.g. immediate_exit); every access goes through the
+// bounds-checked methods below, with atomics or byte copies.
+unsafe impl Send for Mapping {}
+// SAFETY: see Send; shared references only copy bytes in and out or use atomics.
+unsafe impl Sync for Mapping {}
 
-fn registry() -> &'static Mutex<BTreeMap<u64, Weak<HostRegion>>> {
-    static REG: OnceLock<Mutex<BTreeMap<u64, Weak<HostRegion>>>> = OnceLock::new();
-    REG.get_or_init(Default::default)
-}
-
-impl HostRegion {
-    /// Map `size` bytes (rounded up to a page) of zeroed, lazily backed memory.
-    pub fn new(size: u64) -> Result<Arc<HostRegion>> {
-        if size == 0 {
-            return Err(Errno::EINVAL);
-        }
-        let size = size.checked_add(PAGE_SIZE - 1).ok_or(Errno::ENOMEM)? & !(PAGE_SIZE - 1);
-        let len = NonZeroUsize::new(usize::try_from(size).map_err(|_| Errno::ENOMEM)?)
-            .ok_or(Errno::EINVAL)?;
-        // SAFETY: a fresh anonymous private mapping at a kernel-chosen address
-        // aliases nothing; we own it until Drop unmaps it.
-        let ptr = unsafe {
-            mmap_anonymous(
-                None,
-                len,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
-            )
-        }
-        .map_err(Errno::from)?;
-        let region = Arc::new(HostRegion {
-            ptr: ptr.cast(),
-            size: len.get(),
-        });
-        registry()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(region.addr(), Arc::downgrade(&region));
-        Ok(region)
-    }
-
-    /// The host virtual address (hva) of the first byte.
+impl Mapping {
+    /// The host virtual address of the first byte.
     pub fn addr(&self) -> u64 {
         self.ptr.as_ptr() as u64
     }
 
     pub fn size(&self) -> usize {
         self.size
-    }
-
-    /// Find the live region holding `[hva, hva + len)`, with the offset of `hva` in it.
-    pub fn lookup(hva: u64, len: u64) -> Option<(Arc<HostRegion>, usize)> {
-        let reg = registry().lock().unwrap_or_else(|e| e.into_inner());
-        let (&start, weak) = reg.range(..=hva).next_back()?;
-        let region = weak.upgrade()?;
-        let off = hva - start;
-        let end = off.checked_add(len)?;
-        (end <= region.size as u64).then_some((region, off as usize))
     }
 
     #[inline]
@@ -92,7 +51,7 @@ impl HostRegion {
         }
     }
 
-    /// Copy bytes out of the region.
+    /// Copy bytes out of the mapping.
     pub fn read(&self, off: usize, buf: &mut [u8]) -> Result<()> {
         self.check(off, buf.len())?;
         // SAFETY: [off, off+len) is inside the live mapping (checked above) and
@@ -103,7 +62,7 @@ impl HostRegion {
         Ok(())
     }
 
-    /// Copy bytes into the region.
+    /// Copy bytes into the mapping.
     pub fn write(&self, off: usize, buf: &[u8]) -> Result<()> {
         self.check(off, buf.len())?;
         // SAFETY: as in `read`; the destination is inside the mapping we own.
@@ -157,44 +116,131 @@ impl HostRegion {
         }
     }
 
+    /// Atomically load one byte (fields userspace may write concurrently).
+    pub fn load_u8(&self, off: usize) -> Result<u8> {
+        self.check(off, 1)?;
+        // SAFETY: in bounds; AtomicU8 has the alignment and size of u8, and the
+        // reference does not outlive this call.
+        let a = unsafe { &*(self.ptr.as_ptr().add(off) as *const AtomicU8) };
+        Ok(a.load(Ordering::Acquire))
+    }
+
+    /// A naturally aligned u64 of the mapping as an atomic (live counters that
+    /// userspace reads through its own mapping or pread).
+    pub fn atomic_u64(&self, off: usize) -> Result<&AtomicU64> {
+        self.check(off, 8)?;
+        if off % 8 != 0 {
+            return Err(Errno::EINVAL);
+        }
+        // SAFETY: in bounds and 8-byte aligned (the mapping is page aligned); the
+        // returned reference borrows `self`, so it cannot outlive the mapping.
+        Ok(unsafe { &*(self.ptr.as_ptr().add(off) as *const AtomicU64) })
+    }
+
     /// Raw base pointer, for the buffer protocol of the Python binding only.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }
 }
 
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by this module with exactly this base and
+        // length, and no reference into it outlives `self`.
+        let _ = unsafe { munmap(self.ptr.cast(), self.size) };
+    }
+}
+
+/// One anonymous mapping owned by the core: guest memory.
+pub struct HostRegion {
+    map: Mapping,
+}
+
+impl Deref for HostRegion {
+    type Target = Mapping;
+    fn deref(&self) -> &Mapping {
+        &self.map
+    }
+}
+
+fn registry() -> &'static Mutex<BTreeMap<u64, Weak<HostRegion>>> {
+    static REG: OnceLock<Mutex<BTreeMap<u64, Weak<HostRegion>>>> = OnceLock::new();
+    REG.get_or_init(Default::default)
+}
+
+impl HostRegion {
+    /// Map `size` bytes (rounded up to a page) of zeroed, lazily backed memory.
+    pub fn new(size: u64) -> Result<Arc<HostRegion>> {
+        if size == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let size = size.checked_add(PAGE_SIZE - 1).ok_or(Errno::ENOMEM)? & !(PAGE_SIZE - 1);
+        let len = NonZeroUsize::new(usize::try_from(size).map_err(|_| Errno::ENOMEM)?)
+            .ok_or(Errno::EINVAL)?;
+        // SAFETY: a fresh anonymous private mapping at a kernel-chosen address
+        // aliases nothing; the Mapping owns it until it is dropped.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
+            )
+        }
+        .map_err(Errno::from)?;
+        let region = Arc::new(HostRegion {
+            map: Mapping {
+                ptr: ptr.cast(),
+                size: len.get(),
+            },
+        });
+        registry()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(region.addr(), Arc::downgrade(&region));
+        Ok(region)
+    }
+
+    /// Find the live region holding `[hva, hva + len)`, with the offset of `hva` in it.
+    pub fn lookup(hva: u64, len: u64) -> Option<(Arc<HostRegion>, usize)> {
+        let reg = registry().lock().unwrap_or_else(|e| e.into_inner());
+        let (&start, weak) = reg.range(..=hva).next_back()?;
+        let region = weak.upgrade()?;
+        let off = hva - start;
+        let end = off.checked_add(len)?;
+        (end <= region.size() as u64).then_some((region, off as usize))
+    }
+}
+
 impl Drop for HostRegion {
     fn drop(&mut self) {
+        // Unregister before the Mapping field unmaps, so the address cannot be
+        // handed out again while it is still registered.
         let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
         if reg.get(&self.addr()).is_some_and(|w| w.strong_count() == 0) {
             reg.remove(&self.addr());
         }
-        drop(reg);
-        // SAFETY: the mapping was created in `new` with exactly this base and length,
-        // and no reference into it outlives `self` (Arc holders are gone).
-        let _ = unsafe { munmap(self.ptr.cast(), self.size) };
     }
 }
 
 impl std::fmt::Debug for HostRegion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HostRegion({:#x}+{:#x})", self.addr(), self.size)
+        write!(f, "HostRegion({:#x}+{:#x})", self.addr(), self.size())
     }
 }
 
-/// A shared mapping of a memfd: the vCPU's mmap area (kvm_run and later pages),
-/// which userspace maps from the same file descriptor.
+/// A shared mapping of a memfd: the vCPU's mmap area (kvm_run and later pages) and
+/// the stats files, which userspace maps or reads from the same file descriptor.
 pub struct SharedMapping {
-    ptr: NonNull<u8>,
-    size: usize,
+    map: Mapping,
 }
 
-// SAFETY: plain shared memory owned by this object; concurrent userspace writes
-// are part of the KVM contract (e.g. immediate_exit) and every access below is
-// bounds-checked and done with atomics or byte copies.
-unsafe impl Send for SharedMapping {}
-// SAFETY: see Send.
-unsafe impl Sync for SharedMapping {}
+impl Deref for SharedMapping {
+    type Target = Mapping;
+    fn deref(&self) -> &Mapping {
+        &self.map
+    }
+}
 
 impl SharedMapping {
     /// Map `size` bytes of `fd` shared, read/write.
@@ -214,68 +260,11 @@ impl SharedMapping {
         }
         .map_err(Errno::from)?;
         Ok(SharedMapping {
-            ptr: ptr.cast(),
-            size,
+            map: Mapping {
+                ptr: ptr.cast(),
+                size,
+            },
         })
-    }
-
-    pub fn size(&self) -> usize {
-        self.size
-    }
-
-    fn check(&self, off: usize, len: usize) -> Result<()> {
-        match off.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(Errno::EFAULT),
-        }
-    }
-
-    pub fn read(&self, off: usize, buf: &mut [u8]) -> Result<()> {
-        self.check(off, buf.len())?;
-        // SAFETY: in bounds (checked); `buf` is a separate allocation.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), buf.as_mut_ptr(), buf.len())
-        };
-        Ok(())
-    }
-
-    pub fn write(&self, off: usize, buf: &[u8]) -> Result<()> {
-        self.check(off, buf.len())?;
-        // SAFETY: in bounds (checked); `buf` is a separate allocation.
-        unsafe {
-            std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.as_ptr().add(off), buf.len())
-        };
-        Ok(())
-    }
-
-    /// Atomically load one byte (fields userspace may write concurrently).
-    pub fn load_u8(&self, off: usize) -> Result<u8> {
-        self.check(off, 1)?;
-        // SAFETY: in bounds; AtomicU8 has the alignment and size of u8 and the
-        // mapping lives as long as `self`.
-        let a = unsafe { &*(self.ptr.as_ptr().add(off) as *const std::sync::atomic::AtomicU8) };
-        Ok(a.load(std::sync::atomic::Ordering::Acquire))
-    }
-}
-
-impl SharedMapping {
-    /// A naturally aligned u64 of the mapping as an atomic (live counters that
-    /// userspace reads through its own mapping or pread).
-    pub fn atomic_u64(&self, off: usize) -> Result<&std::sync::atomic::AtomicU64> {
-        self.check(off, 8)?;
-        if off % 8 != 0 {
-            return Err(Errno::EINVAL);
-        }
-        // SAFETY: in bounds and 8-byte aligned (the mapping is page aligned); the
-        // returned reference borrows `self`, so it cannot outlive the mapping.
-        Ok(unsafe { &*(self.ptr.as_ptr().add(off) as *const std::sync::atomic::AtomicU64) })
-    }
-}
-
-impl Drop for SharedMapping {
-    fn drop(&mut self) {
-        // SAFETY: created in `new` with this base and length; no borrow outlives self.
-        let _ = unsafe { munmap(self.ptr.cast(), self.size) };
     }
 }
 

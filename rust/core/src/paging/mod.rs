@@ -13,7 +13,9 @@ pub mod walker;
 
 pub use walker::{walk_mode, GuestMmu};
 
-use crate::vcpu::sregs::{CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PSE, CR4_SMAP, CR4_SMEP};
+use crate::vcpu::sregs::{
+    CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_NXE,
+};
 
 /// Page-fault error code bits ([host.h] PFERR_*).
 pub const PFERR_PRESENT: u32 = 1 << 0;
@@ -31,9 +33,6 @@ pub const ACC_ALL: u8 = ACC_EXEC | ACC_WRITE | ACC_USER;
 
 pub const PF_VECTOR: u8 = 14;
 pub const GP_VECTOR: u8 = 13;
-
-const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
 
 /// The CPU state a walk depends on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,9 +3,8 @@
 //! kvm_set_cr3, kvm_set_cr4 and set_efer (x86.c). The interpreter and the
 //! trace-driven API use these; KVM_SET_SREGS has its own, laxer rules (sregs.rs).
 
-use crate::paging::{PagingMode, WalkError};
+use crate::paging::WalkError;
 
-use super::mmu::load_pdptrs;
 use super::sregs::{
     check_cr0, check_cr3_long_mode, check_cr4, CR0_CD, CR0_ET, CR0_NW, CR0_PG, CR4_LA57, CR4_PAE,
     CR4_PCIDE, CR4_PGE, CR4_PSE, CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE, EFER_SCE, EFER_SVME,
@@ -28,7 +27,7 @@ impl VcpuState {
         self.sregs.efer & EFER_LMA != 0
     }
     fn is_pae_paging(&self) -> bool {
-        self.walk_ctx().mode() == PagingMode::Pae
+        super::sregs::is_pae_paging(&self.sregs)
     }
     fn is_64_bit_mode(&self) -> bool {
         self.is_long_mode() && self.sregs.cs.l != 0
@@ -153,12 +152,5 @@ impl Vcpu {
         }
         st.sregs.efer = (efer & !EFER_LMA) | (old & EFER_LMA);
         Ok(())
-    }
-
-    fn load_pdptrs_for(&self, st: &VcpuState, cr3: u64) -> Option<[u64; 4]> {
-        let maxphy = st.features.maxphyaddr;
-        self.with_guest_mem(|m| load_pdptrs(m, cr3, maxphy))
-            .ok()
-            .flatten()
     }
 }

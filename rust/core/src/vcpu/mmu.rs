@@ -7,9 +7,8 @@ use crate::paging::{self, rsvd::pdpte_valid, Access, GuestMem, Walk, WalkCtx, Wa
 use crate::uaccess::{read_struct, write_struct, UserAccess};
 use crate::uapi::{self, kvm_translation};
 
+use super::sregs::RFLAGS_AC;
 use super::{Vcpu, VcpuState};
-
-const RFLAGS_AC: u64 = 1 << 18;
 
 impl VcpuState {
     /// The CPU state the walker needs, from sregs, CPUID features, PKRU and RFLAGS.
@@ -58,14 +57,20 @@ impl Vcpu {
     /// After SET_SREGS into PAE paging, the kernel loads the PDPTEs from CR3 (and
     /// ignores a failed load, keeping the old registers).
     pub(crate) fn reload_pdptrs_if_pae(&self, st: &mut VcpuState) {
-        let ctx = st.walk_ctx();
-        if ctx.mode() != paging::PagingMode::Pae {
+        if !super::sregs::is_pae_paging(&st.sregs) {
             return;
         }
-        let maxphy = st.features.maxphyaddr;
-        if let Ok(Some(p)) = self.with_guest_mem(|m| load_pdptrs(m, ctx.cr3, maxphy)) {
+        if let Some(p) = self.load_pdptrs_for(st, st.sregs.cr3) {
             st.pdptrs = p;
         }
+    }
+
+    /// The PDPTEs at `cr3` for this vCPU's MAXPHYADDR (None: unreadable or reserved bits).
+    pub(crate) fn load_pdptrs_for(&self, st: &VcpuState, cr3: u64) -> Option<[u64; 4]> {
+        let maxphy = st.features.maxphyaddr;
+        self.with_guest_mem(|m| load_pdptrs(m, cr3, maxphy))
+            .ok()
+            .flatten()
     }
 
     /// A guest access through the vCPU's current paging state (simulator only).

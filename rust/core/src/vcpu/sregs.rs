@@ -158,6 +158,7 @@ pub const APIC_BASE_LOW_RESERVED: u64 = 0x2ff;
 
 pub const RFLAGS_FIXED: u64 = 1 << 1;
 pub const RFLAGS_VM: u64 = 1 << 17;
+pub const RFLAGS_AC: u64 = 1 << 18;
 
 /// `kvm_sregs2.flags` bit: the `pdptrs` field is valid.
 pub const SREGS2_FLAGS_PDPTRS_VALID: u64 = 1;
