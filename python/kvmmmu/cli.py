@@ -12,6 +12,7 @@ from . import uapi
 from ._core import GuestMemory
 from .api import Kvm
 from .conformance import CASES, run_case
+from .conformance.cases import lm64
 from .transport import DEFAULT_PATH, device_available
 
 GiB = 1 << 30
@@ -32,20 +33,6 @@ def _try(what: str, fn: object) -> None:
         print(f"    {what}: ok")
     except OSError as e:
         print(f"    {what}: {errno.errorcode.get(e.errno or 0, e.errno)} ({type(e).__name__})")
-
-
-def _long_mode_sregs(s: uapi.kvm_sregs) -> uapi.kvm_sregs:
-    """Flat 64-bit segments, paging on: the state a 64-bit guest starts in."""
-    code = dict(base=0, limit=0xFFFFFFFF, selector=8, type=11, present=1, s=1, l=1, g=1)
-    data = dict(base=0, limit=0xFFFFFFFF, selector=16, type=3, present=1, s=1, db=1, g=1)
-    s.cs.update(code)
-    for seg in (s.ds, s.es, s.fs, s.gs, s.ss):
-        seg.update(data)
-    s.cr0 = 0x80050033  # PG WP NE ET MP PE
-    s.cr3 = 0x1000
-    s.cr4 = 0x20  # PAE
-    s.efer = 0xD00  # NXE LMA LME
-    return s
 
 
 def tour(kvm: Kvm, list_caps: bool = True) -> None:
@@ -97,12 +84,12 @@ def tour(kvm: Kvm, list_caps: bool = True) -> None:
             )
             regs.rip, regs.rsp = 0x1000, 0x8000
             vcpu.set_regs(regs)
-            vcpu.set_sregs(_long_mode_sregs(sregs))
+            vcpu.set_sregs(lm64(sregs))
             s = vcpu.get_sregs()
             print(
                 f"    long mode set: cr0={s.cr0:#x} cr4={s.cr4:#x} efer={s.efer:#x} cs.l={s.cs.l}"
             )
-            bad = _long_mode_sregs(vcpu.get_sregs())
+            bad = lm64(vcpu.get_sregs())
             bad.cr4 &= ~0x20
             _try("SET_SREGS with EFER.LMA but no CR4.PAE", lambda: vcpu.set_sregs(bad))
             _try("KVM_GET_REGS with a NULL pointer", lambda: vcpu.ioctl(uapi.KVM_GET_REGS, 0))

@@ -56,6 +56,14 @@ def _flat(arg: Any) -> memoryview:
     return mv
 
 
+def _map(fd: int, length: int, flags: int, prot: int, offset: int) -> Any:
+    """fd -1: new anonymous guest memory owned by the core (usable as a slot's
+    userspace_addr on both backends); otherwise mmap(2) of the descriptor."""
+    if fd == -1:
+        return _core.GuestMemory(length)
+    return _mmap.mmap(fd, length, flags, prot, offset=offset)
+
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _libc.ioctl.restype = ctypes.c_int
@@ -92,9 +100,7 @@ class DevTransport:
         prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE,
         offset: int = 0,
     ) -> Any:
-        if fd == -1:
-            return _core.GuestMemory(length)
-        return _mmap.mmap(fd, length, flags, prot, offset=offset)
+        return _map(fd, length, flags, prot, offset)
 
     def close(self, fd: int) -> None:
         os.close(fd)
@@ -146,11 +152,9 @@ class SimTransport:
     ) -> Any:
         """fd -1: new anonymous guest memory owned by the core (a GuestMemory);
         a vCPU descriptor: its mmap area (kvm_run), shared with the core."""
-        if fd == -1:
-            return _core.GuestMemory(length)
-        if self.core.kind(fd) != "vcpu":
+        if fd != -1 and self.core.kind(fd) != "vcpu":
             raise OSError(19, os.strerror(19))  # ENODEV: system and VM files have no mmap
-        return _mmap.mmap(fd, length, flags, prot, offset=offset)
+        return _map(fd, length, flags, prot, offset)
 
     def close(self, fd: int) -> None:
         self.core.close(fd)
