@@ -129,9 +129,8 @@ fn walk_generic<P: PteFormat, M: GuestMem + ?Sized>(
     // Inverting NX lets it be ANDed like the other permission bits.
     let nx_mask = if P::WIDE { PT64_NX } else { 0 };
     'retry: for _ in 0..MAX_RETRIES {
+        // The entries read, top-down; also what the A/D update works from.
         let mut gptes = Gptes::EMPTY;
-        // (gpa of the entry, value) per level, for the A/D update.
-        let mut seen = [(0u64, 0u64); 5];
         let mut level = mode.root_level();
         let mut table = if P::WIDE {
             ctx.cr3 & super::pte::PT64_BASE_ADDR_MASK
@@ -150,7 +149,6 @@ fn walk_generic<P: PteFormat, M: GuestMem + ?Sized>(
             table = pdpte & super::pte::PT64_BASE_ADDR_MASK;
             level = 2;
         }
-        let max_level = level;
         let mut pte_access = !0u64;
         let mut pte;
         loop {
@@ -161,7 +159,6 @@ fn walk_generic<P: PteFormat, M: GuestMem + ?Sized>(
                 None => return Err(fault(0, ctx, access, gva)),
             };
             gptes.push(level, gpa, pte);
-            seen[usize::from(level) - 1] = (gpa, pte);
             pte_access &= pte ^ nx_mask;
             if pte & PT_PRESENT == 0 {
                 return Err(fault(0, ctx, access, gva));
@@ -195,8 +192,9 @@ fn walk_generic<P: PteFormat, M: GuestMem + ?Sized>(
         }
         let mut dirty = pte & PT_DIRTY != 0;
         if !accessed_dirty {
-            for l in (level..=max_level).rev() {
-                let (egpa, orig) = seen[usize::from(l) - 1];
+            // Top-down over the in-memory entries (a PAE PDPTE is a register: skipped).
+            let skip = usize::from(mode == PagingMode::Pae);
+            for &(l, egpa, orig) in &gptes[skip..] {
                 let mut new = orig | PT_ACCESSED;
                 if l == level && access.write {
                     new |= PT_DIRTY;
