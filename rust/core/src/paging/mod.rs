@@ -11,7 +11,7 @@ pub mod pte;
 pub mod rsvd;
 pub mod walker;
 
-pub use walker::{walk_mode, GuestMmu};
+pub use walker::GuestMmu;
 
 use crate::vcpu::sregs::{
     CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_NXE,

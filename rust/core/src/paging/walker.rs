@@ -73,22 +73,6 @@ impl GuestMmu {
     }
 }
 
-/// Walk `gva` in an already decided paging mode (no canonical check).
-pub fn walk_mode<M: GuestMem + ?Sized>(
-    ctx: &WalkCtx,
-    mode: PagingMode,
-    mem: &M,
-    gva: u64,
-    access: Access,
-) -> Result<Walk, WalkError> {
-    let mmu = GuestMmu {
-        ctx: *ctx,
-        mode,
-        rsvd: RsvdMasks::new(ctx, mode),
-    };
-    mmu.walk_no_canonical_check(mem, gva, access)
-}
-
 #[inline]
 fn read_gpte<P: PteFormat, M: GuestMem + ?Sized>(mem: &M, gpa: u64) -> Option<u64> {
     mem.read_gpte(gpa, P::SIZE)

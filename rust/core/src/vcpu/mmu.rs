@@ -111,9 +111,8 @@ impl Vcpu {
     /// KVM_TRANSLATE: a supervisor read walk without the canonical check (it sets A
     /// bits on the way, as the kernel's does), always reporting writeable=1, usermode=0.
     pub fn translate(&self, gva: u64) -> Result<kvm_translation> {
-        let ctx = self.state().walk_ctx();
-        let r =
-            self.with_guest_mem(|m| paging::walk_mode(&ctx, ctx.mode(), m, gva, Access::READ))?;
+        let mmu = paging::GuestMmu::new(&self.state().walk_ctx());
+        let r = self.with_guest_mem(|m| mmu.walk_no_canonical_check(m, gva, Access::READ))?;
         Ok(kvm_translation {
             linear_address: gva,
             physical_address: r.map_or(u64::MAX, |w| w.gpa),
