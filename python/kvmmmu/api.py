@@ -54,6 +54,11 @@ def _close_fd(transport: Transport, fd: int, on_close: Any) -> None:
 
 class _Closable:
     _fd: _Fd
+    transport: Transport
+
+    def ioctl(self, request: int, arg: Any = 0) -> Any:
+        """The raw ioctl on this descriptor (errors as OSError with the kernel's errno)."""
+        return self.transport.ioctl(self.fd, request, arg)
 
     @property
     def fd(self) -> int:
@@ -75,6 +80,29 @@ class _Closable:
         self.close()
 
 
+class _VmOrVcpu(_Closable):
+    """What VM and vCPU descriptors share: KVM_ENABLE_CAP and binary statistics."""
+
+    _stats: _Stats | None
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP (api.txt 4.36): ``flags`` must be 0. On a vCPU x86 has only
+        Hyper-V capabilities, so every cap is EINVAL there."""
+        self.ioctl(uapi.KVM_ENABLE_CAP, _enable_cap(cap, args, flags))
+
+    def get_stats_fd(self) -> int:
+        """KVM_GET_STATS_FD: a new binary-statistics descriptor (the caller closes it
+        with ``transport.close``)."""
+        return int(self.ioctl(uapi.KVM_GET_STATS_FD, 0))
+
+    def stats(self) -> dict[str, int | list[int]]:
+        """KVM's counters by name: VM (remote_tlb_flush, mmu_unsync, pages_4k, ...) or
+        vCPU (pf_fixed, pf_guest, exits, insn_emulation, ...)."""
+        if self._stats is None:
+            self._stats = _Stats(self, self.transport, self.get_stats_fd())
+        return self._stats.read()
+
+
 class Kvm(_Closable):
     """A KVM: ``Kvm()`` is the simulator, ``Kvm("/dev/kvm")`` the device."""
 
@@ -88,9 +116,6 @@ class Kvm(_Closable):
     def backend(self) -> str:
         """The transport's name: "sim" or "dev"."""
         return self.transport.name
-
-    def ioctl(self, request: int, arg: Any = 0) -> Any:
-        return self.transport.ioctl(self.fd, request, arg)
 
     def get_api_version(self) -> int:
         return int(self.ioctl(uapi.KVM_GET_API_VERSION, 0))
@@ -138,7 +163,7 @@ class _VmResources:
             self.retired.clear()
 
 
-class Vm(_Closable):
+class Vm(_VmOrVcpu):
     """A VM file descriptor."""
 
     def __init__(self, kvm: Kvm, fd: int) -> None:
@@ -149,9 +174,6 @@ class Vm(_Closable):
         self._fd = _Fd(self, self.transport, fd, self._res.fd_closed)
         self.slots: dict[int, uapi.kvm_userspace_memory_region] = {}
         self._stats: _Stats | None = None
-
-    def ioctl(self, request: int, arg: Any = 0) -> Any:
-        return self.transport.ioctl(self.fd, request, arg)
 
     def check_extension(self, cap: int) -> int:
         return int(self.ioctl(uapi.KVM_CHECK_EXTENSION, cap))
@@ -239,10 +261,6 @@ class Vm(_Closable):
         """KVM_SET_IDENTITY_MAP_ADDR: before any vCPU (EINVAL after)."""
         self.ioctl(uapi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
 
-    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        """KVM_ENABLE_CAP on the VM (api.txt 4.36): ``flags`` must be 0."""
-        self.ioctl(uapi.KVM_ENABLE_CAP, _enable_cap(cap, args, flags))
-
     def set_nr_mmu_pages(self, n: int) -> None:
         """KVM_SET_NR_MMU_PAGES: the shadow-page limit (at least 64, else EINVAL)."""
         self.ioctl(uapi.KVM_SET_NR_MMU_PAGES, n)
@@ -251,23 +269,12 @@ class Vm(_Closable):
         """KVM_GET_NR_MMU_PAGES. Today's kernels removed it: ENOTTY on both backends."""
         return int(self.ioctl(uapi.KVM_GET_NR_MMU_PAGES, 0))
 
-    def get_stats_fd(self) -> int:
-        """KVM_GET_STATS_FD: a new binary-statistics descriptor (the caller closes it
-        with ``transport.close``)."""
-        return int(self.ioctl(uapi.KVM_GET_STATS_FD, 0))
-
-    def stats(self) -> dict[str, int | list[int]]:
-        """KVM's VM counters by name (remote_tlb_flush, mmu_unsync, pages_4k, ...)."""
-        if self._stats is None:
-            self._stats = _Stats(self, self.transport, self.get_stats_fd())
-        return self._stats.read()
-
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd.fd}"
         return f"Vm({self.kvm.backend}, {state}, slots={sorted(self.slots)})"
 
 
-class Vcpu(_Closable):
+class Vcpu(_VmOrVcpu):
     """A vCPU file descriptor and its mmap'ed ``kvm_run`` area."""
 
     def __init__(self, vm: Vm, fd: int, vcpu_id: int) -> None:
@@ -287,9 +294,6 @@ class Vcpu(_Closable):
         if not self._fd.closed:
             del self.run
         self._fd.close()
-
-    def ioctl(self, request: int, arg: Any = 0) -> Any:
-        return self.transport.ioctl(self.fd, request, arg)
 
     def _get(self, struct: type[_S], request: int) -> _S:
         """A GET ioctl that fills a fresh struct."""
@@ -361,19 +365,6 @@ class Vcpu(_Closable):
     def get_cpuid2(self, nent: int = 256) -> list[uapi.kvm_cpuid_entry2]:
         """KVM_GET_CPUID2: the table last set (E2BIG if ``nent`` is too small)."""
         return _cpuid.get_cpuid2(self.transport, self.fd, nent)
-
-    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        """KVM_ENABLE_CAP on the vCPU (x86 has only Hyper-V ones: EINVAL here)."""
-        self.ioctl(uapi.KVM_ENABLE_CAP, _enable_cap(cap, args, flags))
-
-    def get_stats_fd(self) -> int:
-        return int(self.ioctl(uapi.KVM_GET_STATS_FD, 0))
-
-    def stats(self) -> dict[str, int | list[int]]:
-        """KVM's vCPU counters by name (pf_fixed, pf_guest, exits, insn_emulation, ...)."""
-        if self._stats is None:
-            self._stats = _Stats(self, self.transport, self.get_stats_fd())
-        return self._stats.read()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd.fd}"
