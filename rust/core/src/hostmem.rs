@@ -154,6 +154,8 @@ impl Drop for Mapping {
 /// One anonymous mapping owned by the core: guest memory.
 pub struct HostRegion {
     map: Mapping,
+    /// madvise(MADV_HUGEPAGE) was asked: the host may map it with 2 MiB pages.
+    thp: std::sync::atomic::AtomicBool,
 }
 
 impl Deref for HostRegion {
@@ -193,12 +195,34 @@ impl HostRegion {
                 ptr: ptr.cast(),
                 size: len.get(),
             },
+            thp: std::sync::atomic::AtomicBool::new(false),
         });
         registry()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(region.addr(), Arc::downgrade(&region));
         Ok(region)
+    }
+
+    /// Whether the region asked for transparent huge pages.
+    pub fn thp(&self) -> bool {
+        self.thp.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// madvise(MADV_HUGEPAGE): let the host back the region with 2 MiB pages, which
+    /// lets KVM map guest huge pages with huge SPTEs (host_pfn_mapping_level).
+    pub fn set_thp(&self, on: bool) -> Result<()> {
+        let advice = if on {
+            nix::sys::mman::MmapAdvise::MADV_HUGEPAGE
+        } else {
+            nix::sys::mman::MmapAdvise::MADV_NOHUGEPAGE
+        };
+        // SAFETY: the range is exactly this region's own live mapping; advice changes
+        // no contents and no protection.
+        unsafe { nix::sys::mman::madvise(self.map.ptr.cast(), self.map.size, advice) }
+            .map_err(Errno::from)?;
+        self.thp.store(on, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Find the live region holding `[hva, hva + len)`, with the offset of `hva` in it.

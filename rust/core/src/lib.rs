@@ -10,6 +10,7 @@ pub mod memslot;
 pub mod mmu;
 pub mod paging;
 pub mod stats;
+pub mod testkit;
 pub mod uaccess;
 pub mod uapi;
 pub mod vcpu;

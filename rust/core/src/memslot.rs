@@ -130,6 +130,17 @@ impl GuestMem for MemSlots {
     }
 }
 
+impl MemSlots {
+    /// Write `buf` (within one page) at `gpa`: false if no slot backs it or the slot
+    /// is read-only (the guest's write then exits as MMIO).
+    pub fn write(&self, gpa: u64, buf: &[u8]) -> bool {
+        let Some((slot, off)) = self.host_of(gpa, buf.len()) else {
+            return false;
+        };
+        !slot.readonly() && slot.host.write(off, buf).is_ok()
+    }
+}
+
 /// Which ioctl carried the region (v1 accepts fewer flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RegionIoctl {

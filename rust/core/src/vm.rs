@@ -116,6 +116,21 @@ impl Vm {
         Ok(change)
     }
 
+    /// The vCPUs, by id.
+    pub fn vcpus(&self) -> Vec<Arc<Vcpu>> {
+        self.state().vcpus.values().cloned().collect()
+    }
+
+    /// Audit the shadow MMU with every vCPU's roots (crate::mmu::audit). The vCPU
+    /// states are locked in id order before the VM, as the lock order asks.
+    pub fn audit(&self) -> std::result::Result<(), String> {
+        let vcpus = self.vcpus();
+        let states: Vec<_> = vcpus.iter().map(|v| v.state()).collect();
+        let ctxs: Vec<_> = states.iter().map(|s| &s.mmu).collect();
+        let st = self.state();
+        crate::mmu::audit::audit(&st.mmu, &st.memslots, &ctxs)
+    }
+
     /// KVM_CREATE_VCPU.
     pub fn create_vcpu(&self, id: u64) -> Result<Arc<Vcpu>> {
         if id >= KVM_MAX_VCPU_IDS {

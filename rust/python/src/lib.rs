@@ -235,17 +235,19 @@ impl VcpuMmu {
     /// MOV to CR0/CR3/CR4 or WRMSR EFER as the guest does it: None, or the fault
     /// (vector, error_code) it raises (#GP).
     fn write_control(&self, reg: &str, value: u64) -> PyResult<Option<(u8, u32)>> {
-        let r = match reg {
-            "cr0" => self.vcpu.mov_cr0(value),
-            "cr3" => self.vcpu.mov_cr3(value),
-            "cr4" => self.vcpu.mov_cr4(value),
-            "efer" => self.vcpu.wrmsr_efer(value),
+        use kvmmmu_core::vcpu::guest_ops::ControlReg;
+        let reg = match reg {
+            "cr0" => ControlReg::Cr0,
+            "cr3" => ControlReg::Cr3,
+            "cr4" => ControlReg::Cr4,
+            "efer" => ControlReg::Efer,
             _ => {
                 return Err(PyValueError::new_err(format!(
                     "no control register {reg:?}"
                 )))
             }
         };
+        let r = self.vcpu.guest_write_control(reg, value).py_err()?;
         Ok(r.err().map(|e| (e.vector(), e.error_code())))
     }
 

@@ -46,7 +46,7 @@ pub const KVM_MAX_HUGEPAGE_LEVEL: u8 = 3;
 /// PT64_ROOT_MAX_LEVEL.
 const ROOT_MAX_LEVEL: usize = 5;
 /// No page (list ends, empty hash buckets, path sentinels).
-const NIL: SpIndex = SpIndex::MAX;
+pub const NIL: SpIndex = SpIndex::MAX;
 /// The parent-path index of the walk's starting page (INVALID_INDEX).
 const INVALID_INDEX: u16 = u16::MAX;
 /// No SPTE (an empty parent list's inline slot).
@@ -985,6 +985,37 @@ impl Mmu {
             self.rmap_add(sptep, gfn, access);
         }
         changed
+    }
+
+    /// mmu_spte_update on a leaf that stays mapped (same frame): returns whether a TLB
+    /// flush is needed (MMU-writable, A or D lost).
+    pub fn update_spte(&mut self, sptep: SptePtr, new: Spte) -> bool {
+        mmu_spte_update(
+            &mut self.pages[sp_of(sptep) as usize].spt[index_of(sptep)],
+            new,
+        )
+    }
+
+    /// kvm_mmu_page_set_access: record new guest rights for a mapped SPTE.
+    pub fn set_access(&mut self, sptep: SptePtr, access: u8) {
+        let sp = &mut self.pages[sp_of(sptep) as usize];
+        let i = index_of(sptep);
+        let gfn = sp.get_gfn(i);
+        sp.set_translation(i, gfn, access);
+    }
+
+    /// mmu_spte_clear_no_track on an MMIO SPTE.
+    pub fn clear_mmio_spte(&mut self, sptep: SptePtr) {
+        let s = &mut self.pages[sp_of(sptep) as usize].spt[index_of(sptep)];
+        debug_assert!(s.is_mmio());
+        *s = Spte::NONPRESENT;
+    }
+
+    /// Set A in a present leaf, as the CPU does when it uses the translation.
+    pub fn mark_accessed(&mut self, sptep: SptePtr) {
+        let s = &mut self.pages[sp_of(sptep) as usize].spt[index_of(sptep)];
+        debug_assert!(s.is_shadow_present());
+        s.0 |= crate::paging::pte::PT_ACCESSED;
     }
 
     /// mark_mmio_spte: an MMIO SPTE goes into an empty entry, without rmap or stats.

@@ -217,7 +217,7 @@ fn walk_generic<P: PteFormat, M: GuestMem + ?Sized>(
 
 /// ACC_* rights from the ANDed entry bits (FNAME(gpte_access)), NX already un-inverted.
 #[inline]
-fn gpte_access(gpte: u64, wide: bool) -> u8 {
+pub(crate) fn gpte_access(gpte: u64, wide: bool) -> u8 {
     let mut acc = 0u8;
     if gpte & super::pte::PT_WRITABLE != 0 {
         acc |= super::ACC_WRITE;

@@ -19,6 +19,16 @@ const CR4_PDPTR_BITS: u64 = CR4_PGE | CR4_PSE | CR4_PAE | CR4_SMEP;
 /// CR3[11:0] is the PCID with CR4.PCIDE; bit 63 is "no flush" on MOV.
 const CR3_PCID_NOFLUSH: u64 = 1 << 63;
 
+/// A successful MOV to CR3, for the MMU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cr3Write {
+    pub old: u64,
+    pub new: u64,
+    pub pcide: bool,
+    /// CR3[63] with CR4.PCIDE: keep the TLB.
+    pub noflush: bool,
+}
+
 impl VcpuState {
     fn is_paging(&self) -> bool {
         self.sregs.cr0 & CR0_PG != 0
@@ -36,16 +46,25 @@ impl VcpuState {
 
 impl Vcpu {
     /// MOV to CR3 (kvm_set_cr3): #GP for bits at or above MAXPHYADDR, or in PAE paging
-    /// for an invalid PDPTE; the PDPTEs are always reloaded in PAE paging.
-    pub fn mov_cr3(&self, cr3: u64) -> Result<(), WalkError> {
+    /// for an invalid PDPTE; the PDPTEs are always reloaded in PAE paging. Returns what
+    /// the MMU needs to switch roots and flush.
+    pub fn mov_cr3(&self, cr3: u64) -> Result<Cr3Write, WalkError> {
         let mut st = self.state();
-        let cr3 = if st.sregs.cr4 & CR4_PCIDE != 0 {
-            cr3 & !CR3_PCID_NOFLUSH
+        let pcide = st.sregs.cr4 & CR4_PCIDE != 0;
+        let (cr3, noflush) = if pcide {
+            (cr3 & !CR3_PCID_NOFLUSH, cr3 & CR3_PCID_NOFLUSH != 0)
         } else {
-            cr3
+            (cr3, false)
         };
-        if cr3 == st.sregs.cr3 && !st.is_pae_paging() {
-            return Ok(());
+        let old = st.sregs.cr3;
+        let out = Cr3Write {
+            old,
+            new: cr3,
+            pcide,
+            noflush,
+        };
+        if cr3 == old && !st.is_pae_paging() {
+            return Ok(out);
         }
         if check_cr3_long_mode(&st.features, cr3).is_err() {
             return Err(GP);
@@ -55,11 +74,12 @@ impl Vcpu {
             st.pdptrs = pdptrs;
         }
         st.sregs.cr3 = cr3;
-        Ok(())
+        Ok(out)
     }
 
     /// MOV to CR0 (kvm_set_cr0).
-    pub fn mov_cr0(&self, cr0: u64) -> Result<(), WalkError> {
+    /// Returns the old CR0.
+    pub fn mov_cr0(&self, cr0: u64) -> Result<u64, WalkError> {
         let mut st = self.state();
         let old = st.sregs.cr0;
         let cr0 = cr0 | CR0_ET;
@@ -97,11 +117,12 @@ impl Vcpu {
             st.pdptrs = p;
         }
         st.sregs.cr0 = cr0;
-        Ok(())
+        Ok(old)
     }
 
     /// MOV to CR4 (kvm_set_cr4).
-    pub fn mov_cr4(&self, cr4: u64) -> Result<(), WalkError> {
+    /// Returns the old CR4.
+    pub fn mov_cr4(&self, cr4: u64) -> Result<u64, WalkError> {
         let mut st = self.state();
         let old = st.sregs.cr4;
         if check_cr4(&st.features, cr4).is_err() {
@@ -125,12 +146,13 @@ impl Vcpu {
             st.pdptrs = p;
         }
         st.sregs.cr4 = cr4;
-        Ok(())
+        Ok(old)
     }
 
     /// WRMSR IA32_EFER (set_efer): reserved bits and LME changes while paging are
     /// #GP; LMA is read-only (it follows CR0.PG).
-    pub fn wrmsr_efer(&self, efer: u64) -> Result<(), WalkError> {
+    /// Returns the old EFER.
+    pub fn wrmsr_efer(&self, efer: u64) -> Result<u64, WalkError> {
         let mut st = self.state();
         let f = st.features;
         let mut allowed = EFER_SCE | EFER_LMA;
@@ -151,6 +173,6 @@ impl Vcpu {
             return Err(GP);
         }
         st.sregs.efer = (efer & !EFER_LMA) | (old & EFER_LMA);
-        Ok(())
+        Ok(old)
     }
 }

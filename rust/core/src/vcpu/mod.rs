@@ -3,6 +3,7 @@
 pub mod cr;
 pub mod debugregs;
 pub mod events;
+pub mod guest_ops;
 pub mod mmu;
 pub mod mp_state;
 pub mod sregs;
@@ -41,6 +42,8 @@ pub struct VcpuState {
     pub pdptrs: [u64; 4],
     /// PKRU (XSAVE state component 9; set through the simulator-only API).
     pub pkru: u32,
+    /// The vCPU's shadow MMU context: roles, roots, pending MMU requests.
+    pub mmu: crate::mmu::context::KvmMmu,
 }
 
 impl VcpuState {
@@ -56,6 +59,7 @@ impl VcpuState {
             cpuid: Vec::new(),
             pdptrs: [0; 4],
             pkru: 0,
+            mmu: crate::mmu::context::KvmMmu::default(),
         }
     }
 }
@@ -173,9 +177,11 @@ impl Vcpu {
     pub fn set_sregs(&self, new: &kvm_sregs) -> Result<()> {
         let mut st = self.state();
         let features = st.features;
+        let old = st.sregs;
         sregs::set_sregs(&features, &mut st.sregs, new)?;
         mp_state::after_set_sregs(&mut st);
         self.reload_pdptrs_if_pae(&mut st);
+        st.mmu.reset_pending |= sregs::mmu_reset_needed(&old, &st.sregs);
         Ok(())
     }
 
@@ -193,8 +199,10 @@ impl Vcpu {
         }
         let mut st = self.state();
         let features = st.features;
+        let old = st.sregs;
         sregs::set_sregs(&features, &mut st.sregs, &new)?;
         mp_state::after_set_sregs(&mut st);
+        st.mmu.reset_pending |= sregs::mmu_reset_needed(&old, &st.sregs);
         if valid_pdptrs {
             st.pdptrs = pdptrs;
         } else {

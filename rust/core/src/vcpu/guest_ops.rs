@@ -1,0 +1,363 @@
+//! Trace-driven guest operations on the simulated vCPU (simulator only): memory
+//! accesses that go through the shadow MMU as the hardware would, with the SPTEs as
+//! the vCPU's TLB, and the guest's TLB maintenance (INVLPG, MOV CR3, MOV CR0/CR4,
+//! WRMSR EFER, a full flush) with KVM's reaction to each.
+//!
+//! An access first looks the address up in the shadow tables under the current
+//! root. A present leaf that allows the access is used directly (the CPU sets its
+//! A bit), so a guest that edits a gpte of an unsync page keeps the old translation
+//! until it flushes. A miss is a hardware #PF into KVM's fault path: fixed (and the
+//! access retried), reflected to the guest, or emulated (MMIO, or a write to a
+//! write-protected page table, which then zaps the SPTEs it fed).
+
+use crate::errno::{Errno, Result};
+use crate::mmu::context::{shadow_leaf, KvmMmu, MmuEnv};
+use crate::mmu::fault::{kvm_mmu_page_fault, PageFault, PfRet};
+use crate::mmu::shadow::Mmu;
+use crate::paging::{
+    is_canonical, Access, GuestMem, PagingMode, WalkCtx, WalkError, PFERR_PRESENT, PFERR_RSVD,
+};
+use crate::vm::VmState;
+
+use super::cr::Cr3Write;
+use super::sregs::{
+    CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PCIDE, CR4_PGE, CR4_PKE, CR4_PSE, CR4_SMAP, CR4_SMEP,
+    EFER_LMA, EFER_LME, EFER_NXE,
+};
+use super::{Vcpu, VcpuState};
+
+/// How often one access may go back to the fault handler before it is a livelock
+/// (KVM would keep re-entering the guest).
+const MAX_FAULTS_PER_ACCESS: usize = 32;
+
+/// KVM_MMU_CR0_ROLE_BITS, KVM_MMU_CR4_ROLE_BITS, KVM_MMU_EFER_ROLE_BITS.
+const CR0_ROLE_BITS: u64 = CR0_PG | CR0_WP;
+const CR4_ROLE_BITS: u64 = CR4_PSE | CR4_PAE | CR4_SMEP | CR4_SMAP | CR4_PKE | CR4_LA57;
+const EFER_ROLE_BITS: u64 = EFER_LME | EFER_LMA | EFER_NXE;
+
+/// The outcome of one guest access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessOutcome {
+    /// Done: a read filled the buffer, a write reached memory.
+    Done,
+    /// No memory behind `gpa` (or a write to a read-only slot): KVM_EXIT_MMIO.
+    Mmio { gpa: u64 },
+    /// The guest takes this fault (#PF with CR2 and error code, or #GP).
+    Fault(WalkError),
+}
+
+/// The kind of a guest access.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccessKind {
+    pub write: bool,
+    pub fetch: bool,
+    /// CPL 3.
+    pub user: bool,
+    pub implicit: bool,
+}
+
+impl AccessKind {
+    fn access(self) -> Access {
+        Access {
+            write: self.write,
+            user: self.user,
+            fetch: self.fetch,
+            implicit: self.implicit,
+        }
+    }
+}
+
+/// The hardware's check of a leaf SPTE (CR0.WP is always 1 under shadow paging; the
+/// guest's SMEP/SMAP are live while it pages). Ok(gpa) or Err(hardware error code).
+fn tlb_lookup(
+    mmu: &mut Mmu,
+    ctx: &KvmMmu,
+    cpu: &WalkCtx,
+    addr: u64,
+    kind: AccessKind,
+) -> std::result::Result<u64, u32> {
+    let pfec = kind.access().pfec();
+    let Some((step, spte)) = shadow_leaf(mmu, &ctx.root.hpa, ctx.root_level(), addr) else {
+        return Err(pfec);
+    };
+    if spte.is_mmio() {
+        return Err(pfec | PFERR_RSVD | PFERR_PRESENT);
+    }
+    if !spte.is_shadow_present() {
+        return Err(pfec);
+    }
+    let user = kind.user && !kind.implicit;
+    let paging = cpu.mode() != PagingMode::None;
+    let mut denied = (kind.write && !spte.is_writable())
+        || (user && !spte.is_user())
+        || (kind.fetch && !spte.is_executable());
+    if paging && !user && spte.is_user() {
+        denied |= if kind.fetch {
+            cpu.smep()
+        } else {
+            cpu.smap() && (kind.implicit || !cpu.rflags_ac)
+        };
+    }
+    if denied {
+        return Err(pfec | PFERR_PRESENT);
+    }
+    mmu.mark_accessed(step.sptep());
+    let gfn = mmu.get(step.sp).get_gfn(step.index);
+    let offset_mask = (1u64 << (12 + 9 * (u32::from(step.level) - 1))) - 1;
+    Ok((gfn << 12) | (addr & offset_mask & !0xfff) | (addr & 0xfff))
+}
+
+/// Read or write `buf` at `gpa` (within one page); false if no writable/readable slot.
+fn data_access(vm: &VmState, gpa: u64, buf: &mut [u8], write: bool) -> bool {
+    if write {
+        vm.memslots.write(gpa, buf)
+    } else {
+        vm.memslots.read(gpa, buf)
+    }
+}
+
+impl Vcpu {
+    /// One guest access of `buf.len()` bytes at `gva` (split at page boundaries like
+    /// the CPU). A write takes its bytes from `buf`, a read fills it.
+    pub fn guest_access(
+        &self,
+        gva: u64,
+        buf: &mut [u8],
+        kind: AccessKind,
+    ) -> Result<AccessOutcome> {
+        let vm = self.vm().ok_or(Errno::EIO)?;
+        let mut st = self.state();
+        let cpu = st.walk_ctx();
+        let mode = cpu.mode();
+        let gva = if mode.is_long() {
+            if !is_canonical(gva, mode == PagingMode::Long5) {
+                return Ok(AccessOutcome::Fault(WalkError::GeneralProtection {
+                    error_code: 0,
+                }));
+            }
+            gva
+        } else {
+            gva & 0xffff_ffff
+        };
+        let mut vmg = vm.state();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let addr = gva.wrapping_add(done as u64);
+            let addr = if mode.is_long() {
+                addr
+            } else {
+                addr & 0xffff_ffff
+            };
+            let n = (buf.len() - done).min(4096 - (addr & 0xfff) as usize);
+            let chunk = &mut buf[done..done + n];
+            match self.access_page(&mut st, &mut vmg, &cpu, addr, chunk, kind)? {
+                AccessOutcome::Done => done += n,
+                other => return Ok(other),
+            }
+        }
+        Ok(AccessOutcome::Done)
+    }
+
+    fn access_page(
+        &self,
+        st: &mut VcpuState,
+        vmg: &mut VmState,
+        cpu: &WalkCtx,
+        addr: u64,
+        buf: &mut [u8],
+        kind: AccessKind,
+    ) -> Result<AccessOutcome> {
+        let VcpuState {
+            mmu: ctx, sregs, ..
+        } = st;
+        for _ in 0..MAX_FAULTS_PER_ACCESS {
+            let VmState { mmu, memslots, .. } = &mut *vmg;
+            let mut env = MmuEnv {
+                mmu,
+                slots: memslots,
+                stats: &self.stats,
+            };
+            ctx.enter(&mut env, cpu)?;
+            let error_code = match tlb_lookup(env.mmu, ctx, cpu, addr, kind) {
+                Ok(gpa) => {
+                    if data_access(vmg, gpa, buf, kind.write) {
+                        return Ok(AccessOutcome::Done);
+                    }
+                    return Ok(AccessOutcome::Mmio { gpa });
+                }
+                Err(e) => e,
+            };
+            let mut f = PageFault::new(addr, error_code);
+            f.implicit = kind.implicit;
+            match kvm_mmu_page_fault(&mut env, ctx, &f)? {
+                PfRet::Fixed | PfRet::Spurious | PfRet::Retry => continue,
+                PfRet::Guest(e) => {
+                    if let WalkError::PageFault { address, .. } = e {
+                        sregs.cr2 = address;
+                    }
+                    return Ok(AccessOutcome::Fault(e));
+                }
+                PfRet::Emulate | PfRet::WriteProtected => {
+                    return Ok(emulate_access(vmg, ctx, sregs, cpu, addr, buf, kind));
+                }
+            }
+        }
+        Err(Errno::EAGAIN)
+    }
+
+    /// INVLPG executed by the guest (kvm_mmu_invlpg).
+    pub fn guest_invlpg(&self, gva: u64) -> Result<()> {
+        self.with_mmu(|ctx, env, _| {
+            ctx.invlpg(env, gva);
+            Ok(())
+        })
+    }
+
+    /// A guest TLB flush that is not tied to an address or CR3 (INVPCID all-context,
+    /// toggling CR4.PGE): KVM_REQ_TLB_FLUSH_GUEST, serviced now.
+    pub fn guest_flush_tlb(&self) -> Result<()> {
+        self.with_mmu(|ctx, env, _| {
+            ctx.flush_tlb_guest(env);
+            Ok(())
+        })
+    }
+
+    /// Run `f` on this vCPU's MMU context with the VM's MMU (both locked, vCPU first),
+    /// after bringing the context up to date with the registers.
+    pub fn with_mmu<T>(
+        &self,
+        f: impl FnOnce(&mut KvmMmu, &mut MmuEnv<'_>, &WalkCtx) -> Result<T>,
+    ) -> Result<T> {
+        let vm = self.vm().ok_or(Errno::EIO)?;
+        let mut st = self.state();
+        let cpu = st.walk_ctx();
+        let mut vmg = vm.state();
+        let VmState { mmu, memslots, .. } = &mut *vmg;
+        let mut env = MmuEnv {
+            mmu,
+            slots: memslots,
+            stats: &self.stats,
+        };
+        if st.mmu.reset_pending {
+            st.mmu.reset_context(&mut env, &cpu);
+        }
+        st.mmu.refresh(&cpu);
+        f(&mut st.mmu, &mut env, &cpu)
+    }
+
+    /// A guest write to CR0, CR3, CR4 or EFER with KVM's MMU reaction
+    /// (kvm_post_set_cr0, kvm_set_cr3, kvm_post_set_cr4, set_efer).
+    pub fn guest_write_control(
+        &self,
+        reg: ControlReg,
+        value: u64,
+    ) -> Result<std::result::Result<(), WalkError>> {
+        match reg {
+            ControlReg::Cr0 => {
+                let old = match self.mov_cr0(value) {
+                    Ok(o) => o,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let new = self.state().sregs.cr0;
+                self.with_mmu(|ctx, env, cpu| {
+                    if (new ^ old) & CR0_PG != 0 && new & CR0_PG == 0 {
+                        ctx.req_flush_guest = true;
+                    }
+                    if (new ^ old) & CR0_ROLE_BITS != 0 {
+                        ctx.reset_context(env, cpu);
+                    }
+                    Ok(())
+                })?;
+            }
+            ControlReg::Cr3 => {
+                let w: Cr3Write = match self.mov_cr3(value) {
+                    Ok(w) => w,
+                    Err(e) => return Ok(Err(e)),
+                };
+                self.with_mmu(|ctx, env, _| {
+                    ctx.set_cr3(env.mmu, w.old, w.new, w.pcide, w.noflush);
+                    Ok(())
+                })?;
+            }
+            ControlReg::Cr4 => {
+                let old = match self.mov_cr4(value) {
+                    Ok(o) => o,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let new = self.state().sregs.cr4;
+                self.with_mmu(|ctx, env, cpu| {
+                    if (new ^ old) & CR4_ROLE_BITS != 0 {
+                        ctx.reset_context(env, cpu);
+                    }
+                    if new & CR4_PCIDE != 0 && old & CR4_PCIDE == 0 {
+                        ctx.free_roots(env.mmu, true, [true; 3]);
+                    }
+                    if (new ^ old) & CR4_PGE != 0 || (new & CR4_PCIDE == 0 && old & CR4_PCIDE != 0)
+                    {
+                        ctx.req_flush_guest = true;
+                    }
+                    Ok(())
+                })?;
+            }
+            ControlReg::Efer => {
+                let old = match self.wrmsr_efer(value) {
+                    Ok(o) => o,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let new = self.state().sregs.efer;
+                self.with_mmu(|ctx, env, cpu| {
+                    if (new ^ old) & EFER_ROLE_BITS != 0 {
+                        ctx.reset_context(env, cpu);
+                    }
+                    Ok(())
+                })?;
+            }
+        }
+        Ok(Ok(()))
+    }
+}
+
+/// The registers the guest-op API writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlReg {
+    Cr0,
+    Cr3,
+    Cr4,
+    Efer,
+}
+
+/// The emulator's memory access (emulator_read_write_onepage): translate with the
+/// guest walker (setting A/D bits), then read or write guest memory; a write lands
+/// first and is then reported to the shadow MMU (kvm_page_track_write).
+fn emulate_access(
+    vmg: &mut VmState,
+    ctx: &KvmMmu,
+    sregs: &mut crate::uapi::kvm_sregs,
+    cpu: &WalkCtx,
+    addr: u64,
+    buf: &mut [u8],
+    kind: AccessKind,
+) -> AccessOutcome {
+    let walk = match ctx
+        .guest
+        .walk_no_canonical_check(&vmg.memslots, addr, kind.access())
+    {
+        Ok(w) => w,
+        Err(e) => {
+            if let WalkError::PageFault { address, .. } = e {
+                sregs.cr2 = address;
+            }
+            return AccessOutcome::Fault(e);
+        }
+    };
+    let gpa = walk.gpa;
+    if !data_access(vmg, gpa, buf, kind.write) {
+        return AccessOutcome::Mmio { gpa };
+    }
+    if kind.write {
+        let pae = cpu.cr4 & CR4_PAE != 0;
+        let VmState { mmu, memslots, .. } = vmg;
+        mmu.track_write(memslots, pae, gpa, buf.len());
+    }
+    AccessOutcome::Done
+}
