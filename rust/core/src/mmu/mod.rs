@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod context;
 pub mod fault;
+pub mod inspect;
 pub mod page_track;
 pub mod paging_tmpl;
 pub mod rmap;

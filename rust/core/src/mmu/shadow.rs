@@ -128,6 +128,11 @@ impl ParentPtes {
         self.iter().any(|q| q == p)
     }
 
+    /// Heap bytes beyond the inline entry.
+    pub fn heap_bytes(&self) -> usize {
+        self.more.capacity() * std::mem::size_of::<SptePtr>()
+    }
+
     fn add(&mut self, p: SptePtr) {
         if self.is_empty() {
             self.first = p;
@@ -367,6 +372,34 @@ impl Mmu {
         if (self.remote_kick)() {
             self.stat_add(VmStat::RemoteTlbFlush, 1);
         }
+    }
+
+    /// Bytes of model metadata the MMU holds now: the shadow-page arena (SPTE pages,
+    /// shadowed translations, bookkeeping), the hash, and per-memslot rmaps and
+    /// tracking. Cost follows what is mapped, not the size of guest memory.
+    pub fn memory_bytes(&self) -> usize {
+        let page = std::mem::size_of::<ShadowPage>()
+            + std::mem::size_of::<[Spte; SPTE_ENT_PER_PAGE]>();
+        let arena: usize = self
+            .pages
+            .iter()
+            .map(|sp| {
+                page + sp.shadowed.as_ref().map_or(0, |_| 8 * SPTE_ENT_PER_PAGE)
+                    + sp.parent_ptes.heap_bytes()
+            })
+            .sum();
+        let slots: usize = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|m| m.rmap.memory_bytes() + m.track.memory_bytes())
+            .sum();
+        std::mem::size_of::<Self>()
+            + arena
+            + self.free.capacity() * 4
+            + self.hash.len() * 4
+            + slots
+            + self.slot_ranges.capacity() * std::mem::size_of::<(u64, u64, u16)>()
     }
 
     pub fn n_used(&self) -> u64 {

@@ -1,0 +1,1 @@
+//! Read-only views of the shadow MMU for tools and the Python API.
