@@ -256,3 +256,161 @@ fn huge_guest_pages_with_thp_get_huge_sptes() {
     );
     g.audit().unwrap();
 }
+
+#[test]
+fn page_limit_reclaims_the_oldest_pages_but_never_roots() {
+    use kvmmmu_core::uaccess::ProcessVm;
+    let (mut g, cr3) = guest(PagingMode::Long4, 0);
+    // One page in each of 150 page tables (each 2 MiB of gva has its own PT).
+    for i in 0..150u64 {
+        g.map(cr3, GVA + (i << 21), DATA + (i << 12), 1, P | W | U);
+    }
+    g.vm.ioctl(kvmmmu_core::uapi::KVM_SET_NR_MMU_PAGES, 64, &mut ProcessVm)
+        .unwrap();
+    for i in 0..150u64 {
+        ok(g.read(GVA + (i << 21), true).unwrap());
+        let st = g.vm.state();
+        assert!(st.mmu.n_used() <= st.mmu.n_max() + 4, "soft limit");
+        drop(st);
+    }
+    g.audit().unwrap();
+    assert!(vm_stat(&g, VmStat::MmuRecycled) > 0);
+    // The root survived every reclaim: its translations still work.
+    ok(g.read(GVA, true).unwrap());
+    g.audit().unwrap();
+}
+
+#[test]
+fn memslot_delete_zaps_everything_and_roots_are_reloaded() {
+    use kvmmmu_core::hostmem::HostRegion;
+    use kvmmmu_core::memslot::RegionIoctl;
+    use kvmmmu_core::uapi::kvm_userspace_memory_region2;
+    let (mut g, cr3) = guest(PagingMode::Long4, 1);
+    let extra = HostRegion::new(1 << 20).unwrap();
+    let region = |size| kvm_userspace_memory_region2 {
+        slot: 1,
+        guest_phys_addr: 1 << 30,
+        memory_size: size,
+        userspace_addr: extra.addr(),
+        ..Default::default()
+    };
+    g.vm.set_user_memory_region(&region(1 << 20), RegionIoctl::V2)
+        .unwrap();
+    g.map(cr3, GVA + 0x10_0000, 1 << 30, 1, P | W | U);
+    ok(g.write(GVA + 0x10_0000, 5, true).unwrap());
+    ok(g.read(GVA, true).unwrap());
+    let zapped = vm_stat(&g, VmStat::MmuShadowZapped);
+    g.vm.set_user_memory_region(&region(0), RegionIoctl::V2)
+        .unwrap();
+    g.audit().unwrap();
+    assert!(vm_stat(&g, VmStat::MmuShadowZapped) > zapped);
+    assert_eq!(vm_stat(&g, VmStat::Pages4k), 0);
+    // The old root is an invalid root until the vCPU drops it on its next entry.
+    assert_eq!(
+        g.read(GVA + 0x10_0000, true).unwrap(),
+        AccessOutcome::Mmio { gpa: 1 << 30 }
+    );
+    ok(g.read(GVA, true).unwrap());
+    g.audit().unwrap();
+    let st = g.vm.state();
+    assert!(
+        st.mmu.iter().all(|(_, sp)| !sp.role.invalid()),
+        "invalid root freed"
+    );
+}
+
+#[test]
+fn cr3_switch_reuses_up_to_three_cached_roots() {
+    let (mut g, cr3) = guest(PagingMode::Long4, 1);
+    let mut roots = vec![cr3];
+    for _ in 0..4 {
+        let r = g.new_root();
+        // Share the lower tables: copy the PML4.
+        for i in 0..512 {
+            let v = g.read_u64(cr3 + 8 * i);
+            g.write_u64(r + 8 * i, v);
+        }
+        roots.push(r);
+    }
+    ok(g.read(GVA, true).unwrap());
+    for &r in &roots[1..4] {
+        g.mov_cr3(r).unwrap();
+        ok(g.read(GVA, true).unwrap());
+    }
+    // Back to the first: it is the least recently used of the three cached roots.
+    let miss = vm_stat(&g, VmStat::MmuCacheMiss);
+    g.mov_cr3(roots[0]).unwrap();
+    ok(g.read(GVA, true).unwrap());
+    assert_eq!(
+        vm_stat(&g, VmStat::MmuCacheMiss),
+        miss,
+        "cached root reused"
+    );
+    g.audit().unwrap();
+    // A fifth address space pushes the oldest out of the cache.
+    g.mov_cr3(roots[4]).unwrap();
+    ok(g.read(GVA, true).unwrap());
+    let ctx = g.vcpu.state().mmu.clone();
+    assert_eq!(ctx.roots().count(), 4, "current + 3 previous");
+    g.audit().unwrap();
+}
+
+#[test]
+fn pae_roots_follow_the_pdptes() {
+    let (g, _) = guest(PagingMode::Pae, 1);
+    ok(g.read(GVA, true).unwrap());
+    let ctx = g.vcpu.state().mmu.clone();
+    match ctx.root.hpa {
+        kvmmmu_core::mmu::context::RootHpa::Pae(r) => {
+            assert!(r.iter().all(|&sp| sp != u32::MAX), "four present PDPTEs")
+        }
+        other => panic!("PAE guest root {other:?}"),
+    }
+    g.audit().unwrap();
+}
+
+#[test]
+fn bits32_guest_pd_is_shadowed_by_four_quadrants() {
+    let (g, _) = guest(PagingMode::Bits32, 1);
+    ok(g.read(GVA, true).unwrap());
+    let st = g.vm.state();
+    let quadrants: Vec<u8> = st
+        .mmu
+        .iter()
+        .filter(|(_, sp)| sp.role.level() == 2 && sp.root_count > 0)
+        .map(|(_, sp)| sp.role.quadrant())
+        .collect();
+    assert_eq!(quadrants.len(), 4);
+    let mut q = quadrants.clone();
+    q.sort();
+    assert_eq!(q, vec![0, 1, 2, 3]);
+    drop(st);
+    g.audit().unwrap();
+}
+
+#[test]
+fn non_page_table_instruction_unshadows_the_table_instead_of_emulating() {
+    let (mut g, cr3) = guest(PagingMode::Long4, 2);
+    ok(g.read(GVA, true).unwrap());
+    let pd = g.entry_gpa(cr3, GVA, 2) & !0xfff;
+    let shadowed = |g: &TestGuest| g.vm.state().mmu.gfn_sps_with_gptes(pd >> 12).len();
+    assert_eq!(shadowed(&g), 1);
+    let spare = pd + 8 * 300;
+    let mut b = 0x1234_5000u64.to_le_bytes();
+    let kind = AccessKind {
+        write: true,
+        ..Default::default()
+    };
+    let pte_writes = vm_stat(&g, VmStat::MmuPteWrite);
+    ok(g.vcpu
+        .guest_access_insn(ALIAS + spare, &mut b, kind, false)
+        .unwrap());
+    assert_eq!(shadowed(&g), 0, "the PD's shadow page was zapped");
+    assert_eq!(vm_stat(&g, VmStat::MmuPteWrite), pte_writes, "not emulated");
+    assert_eq!(g.read_u64(spare), 0x1234_5000);
+    g.audit().unwrap();
+    // The next access through that table shadows it again.
+    ok(g.read(GVA, true).unwrap());
+    assert_eq!(shadowed(&g), 1);
+    g.audit().unwrap();
+}

@@ -236,8 +236,9 @@ fn handle_mmio_page_fault(env: &MmuEnv<'_>, ctx: &KvmMmu, addr: u64) -> Option<P
 }
 
 /// kvm_mmu_page_fault up to emulation: the MMIO fast path, pf_taken, the MMU's fault
-/// handler, kvm_mmu_write_protect_fault, and the pf_* counters. Emulate means the
-/// caller emulates the access.
+/// handler and the pf_* counters. Emulate and WriteProtected mean the caller
+/// emulates the access (WriteProtected: a write to a shadowed page table, which
+/// KVM may instead unprotect and retry).
 pub fn kvm_mmu_page_fault(env: &mut MmuEnv<'_>, ctx: &mut KvmMmu, f: &PageFault) -> Result<PfRet> {
     if f.rsvd {
         if let Some(r) = handle_mmio_page_fault(env, ctx, f.addr) {
@@ -245,18 +246,16 @@ pub fn kvm_mmu_page_fault(env: &mut MmuEnv<'_>, ctx: &mut KvmMmu, f: &PageFault)
         }
     }
     env.stat(VcpuStat::PfTaken);
-    let mut r = if ctx.root_role.direct() {
+    let r = if ctx.root_role.direct() {
         direct_page_fault(env, ctx, f)?
     } else {
         paging_tmpl::page_fault(env, ctx, f)?
     };
-    if r == PfRet::WriteProtected {
-        // kvm_mmu_write_protect_fault for a shadow MMU without an event to reinject.
-        r = PfRet::Emulate;
-    }
+    // kvm_mmu_write_protect_fault (a shadow MMU, no event to reinject) ends in the
+    // emulator too, but with EMULTYPE_ALLOW_RETRY_PF: the caller tells them apart.
     match r {
         PfRet::Fixed => env.stat(VcpuStat::PfFixed),
-        PfRet::Emulate => env.stat(VcpuStat::PfEmulate),
+        PfRet::Emulate | PfRet::WriteProtected => env.stat(VcpuStat::PfEmulate),
         PfRet::Spurious => env.stat(VcpuStat::PfSpurious),
         PfRet::Guest(WalkError::PageFault { .. }) => env.stat(VcpuStat::PfGuest),
         _ => {}

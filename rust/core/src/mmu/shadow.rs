@@ -378,8 +378,8 @@ impl Mmu {
     /// shadowed translations, bookkeeping), the hash, and per-memslot rmaps and
     /// tracking. Cost follows what is mapped, not the size of guest memory.
     pub fn memory_bytes(&self) -> usize {
-        let page = std::mem::size_of::<ShadowPage>()
-            + std::mem::size_of::<[Spte; SPTE_ENT_PER_PAGE]>();
+        let page =
+            std::mem::size_of::<ShadowPage>() + std::mem::size_of::<[Spte; SPTE_ENT_PER_PAGE]>();
         let arena: usize = self
             .pages
             .iter()
@@ -581,6 +581,13 @@ impl Mmu {
         self.commit_zap(&mut invalid_list);
         self.stat_add(VmStat::MmuRecycled, total as u64);
         total
+    }
+
+    /// Memory pressure on the host (mmu.txt's shrinker event): zap up to `nr` of the
+    /// oldest pages, as mmu_shrink_scan did before Linux 6.8 (today's kernels only
+    /// free the pages cached for future faults, which the model does not keep).
+    pub fn shrink(&mut self, nr: u64) -> usize {
+        self.zap_oldest(nr)
     }
 
     // ---- pages ----

@@ -118,12 +118,29 @@ fn data_access(vm: &VmState, gpa: u64, buf: &mut [u8], write: bool) -> bool {
 
 impl Vcpu {
     /// One guest access of `buf.len()` bytes at `gva` (split at page boundaries like
-    /// the CPU). A write takes its bytes from `buf`, a read fills it.
+    /// the CPU). A write takes its bytes from `buf`, a read fills it. The access is
+    /// made by a MOV-like instruction, which KVM emulates when it writes a
+    /// write-protected page table.
     pub fn guest_access(
         &self,
         gva: u64,
         buf: &mut [u8],
         kind: AccessKind,
+    ) -> Result<AccessOutcome> {
+        self.guest_access_insn(gva, buf, kind, true)
+    }
+
+    /// [`Vcpu::guest_access`] for an instruction that KVM's emulator does or does not
+    /// flag as page-table writing (`page_table_writing`). For one that does not
+    /// (string moves, arithmetic on memory), a write to a write-protected page table
+    /// is not emulated: KVM unshadows the gfn and lets the guest retry natively
+    /// (retry_instruction), once per access.
+    pub fn guest_access_insn(
+        &self,
+        gva: u64,
+        buf: &mut [u8],
+        kind: AccessKind,
+        page_table_writing: bool,
     ) -> Result<AccessOutcome> {
         let vm = self.vm().ok_or(Errno::EIO)?;
         let mut st = self.state();
@@ -150,7 +167,15 @@ impl Vcpu {
             };
             let n = (buf.len() - done).min(4096 - (addr & 0xfff) as usize);
             let chunk = &mut buf[done..done + n];
-            match self.access_page(&mut st, &mut vmg, &cpu, addr, chunk, kind)? {
+            match self.access_page(
+                &mut st,
+                &mut vmg,
+                &cpu,
+                addr,
+                chunk,
+                kind,
+                page_table_writing,
+            )? {
                 AccessOutcome::Done => done += n,
                 other => return Ok(other),
             }
@@ -158,6 +183,7 @@ impl Vcpu {
         Ok(AccessOutcome::Done)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn access_page(
         &self,
         st: &mut VcpuState,
@@ -166,10 +192,13 @@ impl Vcpu {
         addr: u64,
         buf: &mut [u8],
         kind: AccessKind,
+        page_table_writing: bool,
     ) -> Result<AccessOutcome> {
         let VcpuState {
             mmu: ctx, sregs, ..
         } = st;
+        // KVM's last_retry_eip/last_retry_addr: unprotect-and-retry once per access.
+        let mut retried = false;
         for _ in 0..MAX_FAULTS_PER_ACCESS {
             let VmState { mmu, memslots, .. } = &mut *vmg;
             let mut env = MmuEnv {
@@ -196,6 +225,17 @@ impl Vcpu {
                         sregs.cr2 = address;
                     }
                     return Ok(AccessOutcome::Fault(e));
+                }
+                PfRet::WriteProtected if !page_table_writing && !retried => {
+                    // retry_instruction: unshadow the written gfn, re-execute natively.
+                    retried = true;
+                    if let Ok(w) = ctx
+                        .guest
+                        .walk_no_canonical_check(env.slots, addr, kind.access())
+                    {
+                        env.mmu.unprotect_page(w.gpa >> 12);
+                    }
+                    continue;
                 }
                 PfRet::Emulate | PfRet::WriteProtected => {
                     return Ok(emulate_access(vmg, ctx, sregs, cpu, addr, buf, kind));
