@@ -77,7 +77,7 @@ impl Mapping {
     #[inline]
     pub fn load(&self, off: usize, size: usize) -> Result<u64> {
         self.check(off, size)?;
-        if off % size != 0 {
+        if !size.is_power_of_two() || off & (size - 1) != 0 {
             return Err(Errno::EINVAL);
         }
         // SAFETY: in bounds (checked), naturally aligned (checked), and the atomic
@@ -98,7 +98,7 @@ impl Mapping {
     /// Ok(true) if it held `old` and now holds `new`.
     pub fn cmpxchg(&self, off: usize, size: usize, old: u64, new: u64) -> Result<bool> {
         self.check(off, size)?;
-        if off % size != 0 {
+        if !size.is_power_of_two() || off & (size - 1) != 0 {
             return Err(Errno::EINVAL);
         }
         // SAFETY: as in `load`.

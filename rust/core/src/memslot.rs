@@ -141,6 +141,36 @@ impl MemSlots {
     }
 }
 
+/// One guest page resolved to its host memory: several gpte reads for one slot
+/// lookup (the fault path re-reads a whole block of a table).
+#[derive(Clone, Copy)]
+pub struct GuestPage<'a> {
+    map: &'a crate::hostmem::Mapping,
+    off: usize,
+}
+
+impl GuestPage<'_> {
+    /// Atomic load of the aligned 4- or 8-byte entry at `page_off` of the page.
+    #[inline]
+    pub fn load(&self, page_off: usize, size: usize) -> Option<u64> {
+        debug_assert!(page_off + size <= PAGE_SIZE as usize);
+        self.map.load(self.off + page_off, size).ok()
+    }
+}
+
+impl MemSlots {
+    /// The host memory of guest page `gfn`, if a slot holds it.
+    #[inline]
+    pub fn guest_page(&self, gfn: u64) -> Option<GuestPage<'_>> {
+        let slot = self.lookup(gfn)?;
+        let off = slot.host_offset + ((gfn - slot.base_gfn) << PAGE_SHIFT) as usize;
+        Some(GuestPage {
+            map: &slot.host,
+            off,
+        })
+    }
+}
+
 /// Which ioctl carried the region (v1 accepts fewer flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RegionIoctl {

@@ -151,17 +151,27 @@ impl StatsFile {
             .expect("stats word inside the mapping")
     }
 
+    // Writers are serialized by their owner's lock (the VM lock for VM counters, the
+    // vCPU's state lock for its counters), like KVM's per-vCPU and mmu_lock-protected
+    // stats, so an update is a plain load and store: no locked instruction on the
+    // fault path. Readers (pread of the stats fd) see whole 8-byte words.
+
     pub fn add(&self, i: usize, n: u64) {
-        self.word(i).fetch_add(n, Ordering::Relaxed);
+        let w = self.word(i);
+        w.store(w.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
     }
     pub fn sub(&self, i: usize, n: u64) {
-        self.word(i).fetch_sub(n, Ordering::Relaxed);
+        let w = self.word(i);
+        w.store(w.load(Ordering::Relaxed).wrapping_sub(n), Ordering::Relaxed);
     }
     pub fn set(&self, i: usize, v: u64) {
         self.word(i).store(v, Ordering::Relaxed);
     }
     pub fn max(&self, i: usize, v: u64) {
-        self.word(i).fetch_max(v, Ordering::Relaxed);
+        let w = self.word(i);
+        if v > w.load(Ordering::Relaxed) {
+            w.store(v, Ordering::Relaxed);
+        }
     }
     pub fn get(&self, i: usize) -> u64 {
         self.word(i).load(Ordering::Relaxed)

@@ -251,6 +251,19 @@ impl KvmMmu {
     /// The requests a vCPU services before entering the guest (vcpu_enter_guest), then
     /// kvm_mmu_reload. `ctx` is the CPU state now.
     pub fn enter(&mut self, env: &mut MmuEnv<'_>, ctx: &WalkCtx) -> Result<()> {
+        // The common case: nothing pending, the context current, the root loaded.
+        if !self.reset_pending
+            && !self.req_sync
+            && !self.req_flush_guest
+            && !self.req_free_obsolete
+            && matches!(self.root.hpa, RootHpa::Page(_) | RootHpa::Pae(_))
+            && env.mmu.free_obsolete_roots_requests() == self.seen_obsolete
+            && env.mmu.stats().get(VmStat::RemoteTlbFlushRequests as usize) == self.seen_flush
+            && !self.roles_stale(ctx)
+        {
+            self.refresh(ctx);
+            return Ok(());
+        }
         if self.reset_pending || self.roles_stale(ctx) {
             self.reset_context(env, ctx);
         }

@@ -93,18 +93,21 @@ impl GuestWalker {
 fn gpte_changed(slots: &MemSlots, gw: &mut GuestWalker, level: u8) -> bool {
     let l = usize::from(level) - 1;
     let size = gw.gpte_size();
+    let gpa = gw.pte_gpa[l];
+    let Some(page) = slots.guest_page(gpa >> 12) else {
+        return true;
+    };
     let cur = if level == PG_LEVEL_4K {
-        let mask = (PTE_PREFETCH_NUM * size - 1) as u64;
-        let base = gw.pte_gpa[0] & !mask;
+        let base = (gpa & 0xfff) as usize & !(PTE_PREFETCH_NUM * size - 1);
         for (i, p) in gw.prefetch_ptes.iter_mut().enumerate() {
-            match slots.read_gpte(base + (i * size) as u64, size) {
+            match page.load(base + i * size, size) {
                 Some(v) => *p = v,
                 None => return true,
             }
         }
-        gw.prefetch_ptes[((gw.pte_gpa[0] - base) as usize) / size]
+        gw.prefetch_ptes[((gpa & 0xfff) as usize - base) / size]
     } else {
-        match slots.read_gpte(gw.pte_gpa[l], size) {
+        match page.load((gpa & 0xfff) as usize, size) {
             Some(v) => v,
             None => return true,
         }

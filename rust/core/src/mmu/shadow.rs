@@ -932,17 +932,26 @@ impl Mmu {
         if self.gfn_is_write_tracked(gfn) {
             return true;
         }
-        for i in self.gfn_sps_with_gptes(gfn) {
+        // for_each_gfn_valid_sp_with_gptes, without collecting: unsyncing a page does
+        // not change the bucket.
+        let mut cur = self.hash[kvm_page_table_hashfn(gfn)];
+        while cur != NIL {
+            let i = cur;
+            cur = self.pages[i as usize].hash_next;
+            let sp = &self.pages[i as usize];
+            if sp.gfn != gfn || !sp.role.has_gptes() || self.is_obsolete(i) {
+                continue;
+            }
             if !can_unsync {
                 return true;
             }
-            if self.pages[i as usize].unsync {
+            if sp.unsync {
                 continue;
             }
             if prefetch {
                 return true;
             }
-            debug_assert_eq!(self.pages[i as usize].role.level(), 1);
+            debug_assert_eq!(sp.role.level(), 1);
             self.unsync_page(i);
         }
         false
