@@ -260,6 +260,7 @@ impl KvmMmu {
             && env.mmu.free_obsolete_roots_requests() == self.seen_obsolete
             && env.mmu.stats().get(VmStat::RemoteTlbFlushRequests as usize) == self.seen_flush
             && !self.roles_stale(ctx)
+            && (self.root_role.direct() || self.root.pgd == ctx.cr3)
         {
             self.refresh(ctx);
             return Ok(());
@@ -268,6 +269,12 @@ impl KvmMmu {
             self.reset_context(env, ctx);
         }
         self.refresh(ctx);
+        if !self.root_role.direct() && self.root.hpa != RootHpa::Invalid && self.root.pgd != ctx.cr3 {
+            // CR3 changed by a path that did not tell the MMU (an INIT, a state
+            // restore): what kvm_set_cr3 would have done.
+            self.new_pgd(env.mmu, ctx.cr3);
+            self.req_sync = true;
+        }
         let broadcasts = env.mmu.free_obsolete_roots_requests();
         if broadcasts != self.seen_obsolete || self.req_free_obsolete {
             self.seen_obsolete = broadcasts;
