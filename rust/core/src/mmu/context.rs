@@ -201,10 +201,14 @@ impl KvmMmu {
     /// Whether the context is stale for `ctx`: the role-relevant registers changed
     /// without going through a reset (KVM resets on every such change).
     fn roles_stale(&self, ctx: &WalkCtx) -> bool {
+        // KVM_MMU_CR0_ROLE_BITS, KVM_MMU_CR4_ROLE_BITS, KVM_MMU_EFER_ROLE_BITS.
+        const CR0: u64 = (1 << 31) | (1 << 16);
+        const CR4: u64 = (1 << 4) | (1 << 5) | (1 << 20) | (1 << 21) | (1 << 22) | (1 << 12);
+        const EFER: u64 = (1 << 8) | (1 << 10) | (1 << 11);
         let g = &self.guest.ctx;
-        g.cr0 != ctx.cr0
-            || g.cr4 != ctx.cr4
-            || g.efer != ctx.efer
+        (g.cr0 ^ ctx.cr0) & CR0 != 0
+            || (g.cr4 ^ ctx.cr4) & CR4 != 0
+            || (g.efer ^ ctx.efer) & EFER != 0
             || g.maxphyaddr != ctx.maxphyaddr
             || g.gbpages != ctx.gbpages
     }
