@@ -4,10 +4,18 @@
 is the machine's real KVM. Both speak the same ioctl API.
 """
 
-from . import uapi
+from . import dot, uapi
 from ._core import GuestMemory, SimKvm, __version__
 from .api import Kvm, Vcpu, Vm
-from .mmu import GuestPageFault, WalkResult
+from .mmu import (
+    GuestMmioAccess,
+    GuestPageFault,
+    MmuAuditError,
+    ShadowPage,
+    WalkResult,
+    mmio_caching,
+    set_mmio_caching,
+)
 from .transport import DevTransport, SimTransport, Transport, device_available
 from .uapi import (
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -23,8 +31,11 @@ __all__ = [
     "KVM_MEM_READONLY",
     "DevTransport",
     "GuestMemory",
+    "GuestMmioAccess",
     "GuestPageFault",
     "Kvm",
+    "MmuAuditError",
+    "ShadowPage",
     "SimKvm",
     "SimTransport",
     "Transport",
@@ -33,9 +44,12 @@ __all__ = [
     "WalkResult",
     "__version__",
     "device_available",
+    "dot",
     "kvm_regs",
     "kvm_segment",
     "kvm_sregs",
     "kvm_userspace_memory_region",
+    "mmio_caching",
+    "set_mmio_caching",
     "uapi",
 ]

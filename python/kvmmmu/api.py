@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from . import cpuid as _cpuid
 from . import uapi
 from ._core import GuestMemory
-from .mmu import VcpuMmu
+from .mmu import VcpuMmu, VmMmu, _weak_stats
 from .stats import StatsReader
 from .transport import DevTransport, SimTransport, Transport
 
@@ -174,6 +174,7 @@ class Vm(_VmOrVcpu):
         self._fd = _Fd(self, self.transport, fd, self._res.fd_closed)
         self.slots: dict[int, uapi.kvm_userspace_memory_region] = {}
         self._stats: _Stats | None = None
+        self._mmu: VmMmu | None = None
 
     def check_extension(self, cap: int) -> int:
         return int(self.ioctl(uapi.KVM_CHECK_EXTENSION, cap))
@@ -269,6 +270,16 @@ class Vm(_VmOrVcpu):
         """KVM_GET_NR_MMU_PAGES. Today's kernels removed it: ENOTTY on both backends."""
         return int(self.ioctl(uapi.KVM_GET_NR_MMU_PAGES, 0))
 
+    @property
+    def mmu(self) -> VmMmu:
+        """The simulator-only view of the shadow MMU (shadow pages, roots, rmaps,
+        audit, DOT pictures); not available on a device."""
+        if not isinstance(self.transport, SimTransport):
+            raise NotImplementedError("vm.mmu is simulator-only: the device hides its MMU")
+        if self._mmu is None:
+            self._mmu = VmMmu(self.transport.core.vm_mmu(self.fd), _weak_stats(self))
+        return self._mmu
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd.fd}"
         return f"Vm({self.kvm.backend}, {state}, slots={sorted(self.slots)})"
@@ -331,7 +342,8 @@ class Vcpu(_VmOrVcpu):
 
     @property
     def mmu(self) -> VcpuMmu:
-        """The simulator-only MMU surface (detailed walks); not available on a device."""
+        """The simulator-only MMU surface (walks, guest accesses through the shadow MMU,
+        TLB maintenance); not available on a device."""
         if not isinstance(self.transport, SimTransport):
             raise NotImplementedError("vcpu.mmu is simulator-only: the device hides its MMU")
         if self._mmu is None:

@@ -391,7 +391,8 @@ fn page_node(out: &mut String, sp: &SpInfo, opts: &DotOptions) {
                 3 => "1G",
                 _ => "?",
             };
-            label += &format!("\\n{} leaves ({size})", c.leaf);
+            let noun = if c.leaf == 1 { "leaf" } else { "leaves" };
+            label += &format!("\\n{} {noun} ({size})", c.leaf);
         }
         if c.mmio > 0 {
             label += &format!("\\n{} mmio", c.mmio);
@@ -475,7 +476,8 @@ fn root_nodes(out: &mut String, snap: &MmuSnapshot, opts: &DotOptions) -> Vec<St
             };
             let _ = writeln!(
                 out,
-                "  {name} [shape=ellipse, label=\"{label}\", style=\"{style}\", fillcolor=\"{fill}\"];"
+                "  {name} [shape=ellipse, label=\"{label}\", style=\"{style}\", \
+                 fillcolor=\"{fill}\"];"
             );
             for (i, sp) in root.pages.iter().enumerate() {
                 let Some(sp) = sp else { continue };
@@ -509,7 +511,8 @@ pub fn to_dot(snap: &MmuSnapshot, opts: &DotOptions) -> String {
     out += "digraph shadow_mmu {\n";
     let _ = writeln!(
         out,
-        "  graph [rankdir=TB, fontname=\"monospace\", labelloc=t, label=\"shadow MMU: {} pages used of {}, generation {}\"];",
+        "  graph [rankdir=TB, fontname=\"monospace\", labelloc=t, \
+         label=\"shadow MMU: {} pages used of {}, generation {}\"];",
         s.n_used, s.n_max, s.mmu_valid_gen
     );
     out += "  node [shape=box, fontname=\"monospace\", fontsize=10];\n";
