@@ -210,7 +210,9 @@ impl HostRegion {
     }
 
     /// madvise(MADV_HUGEPAGE): let the host back the region with 2 MiB pages, which
-    /// lets KVM map guest huge pages with huge SPTEs (host_pfn_mapping_level).
+    /// lets KVM map guest huge pages with huge SPTEs (host_pfn_mapping_level). Like
+    /// the advice, turning it off affects later faults only: huge pages the host
+    /// already has stay (and so do the huge SPTEs over them).
     pub fn set_thp(&self, on: bool) -> Result<()> {
         let advice = if on {
             nix::sys::mman::MmapAdvise::MADV_HUGEPAGE

@@ -91,6 +91,18 @@ enum Op {
     ToggleWp,
     ToggleSmep,
     ToggleNx,
+    /// KVM_SET_NR_MMU_PAGES: small limits force reclaim.
+    SetLimit {
+        pages: u8,
+    },
+    /// Let the host back guest memory with huge pages (or not).
+    Thp {
+        on: bool,
+    },
+    /// Create or delete a second memslot (deleting zaps everything, fast).
+    Slot {
+        create: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -106,6 +118,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::ToggleWp),
         1 => Just(Op::ToggleSmep),
         1 => Just(Op::ToggleNx),
+        1 => any::<u8>().prop_map(|pages| Op::SetLimit { pages }),
+        1 => any::<bool>().prop_map(|on| Op::Thp { on }),
+        1 => any::<bool>().prop_map(|create| Op::Slot { create }),
     ]
 }
 
@@ -139,6 +154,7 @@ fn setup() -> impl Strategy<Value = Setup> {
 
 struct Model {
     g: TestGuest,
+    extra: Option<std::sync::Arc<HostRegion>>,
     roots: Vec<u64>,
     wide: bool,
     /// Addresses whose translation may be stale (changed since their last flush).
@@ -207,6 +223,7 @@ impl Model {
         }
         Model {
             g,
+            extra: None,
             roots,
             wide,
             stale: HashSet::new(),
@@ -425,18 +442,58 @@ impl Model {
                     .guest_write_control(ControlReg::Cr4, cr4 ^ (1 << 20))
                     .unwrap();
             }
+            Op::SetLimit { pages } => {
+                let n = 64 + u64::from(pages % 64);
+                self.g
+                    .vm
+                    .ioctl(
+                        kvmmmu_core::uapi::KVM_SET_NR_MMU_PAGES,
+                        n,
+                        &mut kvmmmu_core::uaccess::ProcessVm,
+                    )
+                    .unwrap();
+            }
+            Op::Thp { on } => self.g.host.set_thp(on).unwrap(),
+            Op::Slot { create } => {
+                use kvmmmu_core::memslot::RegionIoctl;
+                use kvmmmu_core::uapi::kvm_userspace_memory_region2;
+                if create && self.extra.is_none() {
+                    let h = HostRegion::new(1 << 20).unwrap();
+                    let r = kvm_userspace_memory_region2 {
+                        slot: 1,
+                        guest_phys_addr: 1 << 32,
+                        memory_size: 1 << 20,
+                        userspace_addr: h.addr(),
+                        ..Default::default()
+                    };
+                    self.g
+                        .vm
+                        .set_user_memory_region(&r, RegionIoctl::V2)
+                        .unwrap();
+                    self.extra = Some(h);
+                } else if !create && self.extra.is_some() {
+                    let r = kvm_userspace_memory_region2 {
+                        slot: 1,
+                        ..Default::default()
+                    };
+                    self.g
+                        .vm
+                        .set_user_memory_region(&r, RegionIoctl::V2)
+                        .unwrap();
+                    self.extra = None;
+                }
+            }
             Op::ToggleNx => {
                 // KVM's shadow pages do not depend on EFER.NX (the root role forces
                 // efer_nx), so gptes with bit 63 already shadowed keep their SPTEs when
                 // the guest clears EFER.NX, even across flushes: the guest must not
                 // have such gptes when it clears NX for this property to hold.
-                let nx_in_use = self.roots.iter().any(|&r| {
-                    GVAS.iter().chain([ALIAS].iter()).any(|&g| {
-                        self.path_under(g, r)
-                            .iter()
-                            .any(|&(_, e)| self.g.read_gpte(e) & NX != 0)
-                    })
-                });
+                // (Shadow pages outlive their links, so any table counts, not just
+                // the current paths.)
+                let nx_in_use = self.wide
+                    && (TABLES..MEM)
+                        .step_by(8)
+                        .any(|e| self.g.read_u64(e) & NX != 0);
                 if nx_in_use {
                     return Ok(());
                 }

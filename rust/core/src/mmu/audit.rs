@@ -158,9 +158,6 @@ fn check_leaf(
         if (gfn ^ (slot.gfn_to_hva(gfn) >> 12)) & (pages - 1) != 0 {
             return Err("huge leaf whose gpa and hva disagree in their low bits".into());
         }
-        if !slot.host.thp() {
-            return Err("huge leaf over host memory mapped with 4 KiB pages".into());
-        }
         if mmu.slot_meta_for_gfn(gfn).is_some_and(|m| {
             (gfn..gfn + pages).any(|g| m.track.is_write_tracked(g)) && s.is_writable()
         }) {
