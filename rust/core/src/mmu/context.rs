@@ -273,7 +273,8 @@ impl KvmMmu {
             self.reset_context(env, ctx);
         }
         self.refresh(ctx);
-        if !self.root_role.direct() && self.root.hpa != RootHpa::Invalid && self.root.pgd != ctx.cr3 {
+        if !self.root_role.direct() && self.root.hpa != RootHpa::Invalid && self.root.pgd != ctx.cr3
+        {
             // CR3 changed by a path that did not tell the MMU (an INIT, a state
             // restore): what kvm_set_cr3 would have done.
             self.new_pgd(env.mmu, ctx.cr3);
