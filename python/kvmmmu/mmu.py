@@ -512,7 +512,17 @@ class VmMmu:
 
     def shadow_pages(self) -> list[ShadowPage]:
         """Every shadow page that is not free, by index."""
-        metas, sptes, kinds, gfns = self._mmu.shadow_pages()
+        return self._pages(None)
+
+    def shadow_page(self, index: int) -> ShadowPage:
+        """The page with this index (KeyError if it is free)."""
+        pages = self._pages(index)
+        if not pages:
+            raise KeyError(index)
+        return pages[0]
+
+    def _pages(self, index: int | None) -> list[ShadowPage]:
+        metas, sptes, kinds, gfns = self._mmu.shadow_pages(index)
         for a in (sptes, kinds, gfns):
             a.flags.writeable = False
         out = []
@@ -538,13 +548,6 @@ class VmMmu:
                 )
             )
         return out
-
-    def shadow_page(self, index: int) -> ShadowPage:
-        """The page with this index (KeyError if it is free)."""
-        for sp in self.shadow_pages():
-            if sp.index == index:
-                return sp
-        raise KeyError(index)
 
     def roots(self) -> dict[int, VcpuRoots]:
         """Every vCPU's roots, by vCPU id."""

@@ -96,20 +96,29 @@ fn root_tuple(r: &Option<RootInfo>) -> Root {
 
 #[pymethods]
 impl VmMmu {
-    /// Every shadow page that is not free: (list of field dicts, sptes, kinds, gfns),
-    /// the three arrays of shape (pages, 512): SPTE values (uint64), SPTE kinds (uint8:
-    /// 0 none, 1 non-leaf, 2 leaf, 3 MMIO) and the gfn each SPTE maps or links to.
+    /// Every shadow page that is not free (or only page `index`, if it is not free):
+    /// (list of field dicts, sptes, kinds, gfns), the three arrays of shape (pages,
+    /// 512): SPTE values (uint64), SPTE kinds (uint8: 0 none, 1 non-leaf, 2 leaf, 3
+    /// MMIO) and the gfn each SPTE maps or links to.
+    #[pyo3(signature = (index = None))]
     #[allow(clippy::type_complexity)]
     fn shadow_pages<'py>(
         &self,
         py: Python<'py>,
+        index: Option<u32>,
     ) -> PyResult<(
         Bound<'py, PyList>,
         Bound<'py, PyArray2<u64>>,
         Bound<'py, PyArray2<u8>>,
         Bound<'py, PyArray2<u64>>,
     )> {
-        let pages = py.detach(|| inspect::shadow_pages(&self.vm.state().mmu));
+        let pages = py.detach(|| {
+            let st = self.vm.state();
+            match index {
+                None => inspect::shadow_pages(&st.mmu),
+                Some(i) => inspect::shadow_page(&st.mmu, i).into_iter().collect(),
+            }
+        });
         let n = pages.len();
         let mut sptes = Vec::with_capacity(n * SPTE_ENT_PER_PAGE);
         let mut kinds = Vec::with_capacity(n * SPTE_ENT_PER_PAGE);
