@@ -393,6 +393,16 @@ REMAP_MOV_CR3 = [
     MovCr3(),
     Read(gva(0), pattern(2)),
 ]
+#: The TLB scenarios by name, for a device driver to replay. Their accesses are at
+#: CPL3: the device here runs CPL0 guest accesses through KVM's emulator, which walks
+#: the guest tables and so never sees a stale translation (real-kvm-here.md).
+TLB_SCENARIOS = {
+    "clear_p": CLEAR_P,
+    "remap": REMAP,
+    "clear_rw": CLEAR_RW,
+    "clear_p_mov_cr3": CLEAR_P_MOV_CR3,
+    "remap_mov_cr3": REMAP_MOV_CR3,
+}
 
 
 # -- reaction to events: guest page faults --------------------------------------------------
@@ -497,6 +507,15 @@ def test_unsync_page_keeps_stale_translation_until_invlpg(mode: str) -> None:
     run(g, CLEAR_P)
     assert g.stat("mmu_unsync") == 1, "INVLPG syncs the SPTE, not the whole page"
     assert g.vstat("invlpg") == 1
+    g.close()
+
+
+@pytest.mark.parametrize("mode", ["4-level", "5-level", "pae", "32-bit"])
+@pytest.mark.parametrize("name", sorted(TLB_SCENARIOS))
+def test_tlb_scenarios_in_every_paging_mode(name: str, mode: str) -> None:
+    """The device's TLB table (real-kvm-here.md) holds in every paging mode."""
+    g = Guest(mode)
+    run(g, TLB_SCENARIOS[name])
     g.close()
 
 
