@@ -790,10 +790,6 @@ def test_mmio_without_caching_faults_every_time(no_mmio_caching: None) -> None:
 # -- reaction to events: control registers -------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: MOV CR3 raises no KVM_REQ_TLB_FLUSH_CURRENT, so tlb_flush does not count it",
-)
 def test_mov_cr3_counts_a_tlb_flush(guest: Guest) -> None:
     """MOV CR3 without the PCID no-flush bit flushes the current context: KVM's
     kvm_invalidate_pcid requests KVM_REQ_MMU_SYNC and KVM_REQ_TLB_FLUSH_CURRENT, and

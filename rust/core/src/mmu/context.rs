@@ -70,6 +70,8 @@ pub struct KvmMmu {
     pub req_sync: bool,
     /// KVM_REQ_TLB_FLUSH_GUEST.
     pub req_flush_guest: bool,
+    /// KVM_REQ_TLB_FLUSH_CURRENT.
+    pub req_flush_current: bool,
     /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS raised by this vCPU itself (dummy root).
     pub req_free_obsolete: bool,
     /// The context must be rebuilt before the next entry (KVM_SET_SREGS and the like).
@@ -89,6 +91,7 @@ impl Default for KvmMmu {
             prev_roots: [Root::INVALID; KVM_MMU_NUM_PREV_ROOTS],
             req_sync: false,
             req_flush_guest: false,
+            req_flush_current: false,
             req_free_obsolete: false,
             reset_pending: true,
             seen_obsolete: 0,
@@ -259,6 +262,7 @@ impl KvmMmu {
         if !self.reset_pending
             && !self.req_sync
             && !self.req_flush_guest
+            && !self.req_flush_current
             && !self.req_free_obsolete
             && matches!(self.root.hpa, RootHpa::Page(_) | RootHpa::Pae(_))
             && env.mmu.free_obsolete_roots_requests() == self.seen_obsolete
@@ -291,8 +295,13 @@ impl KvmMmu {
         }
         let flushes = env.mmu.stats().get(VmStat::RemoteTlbFlushRequests as usize);
         if flushes != self.seen_flush {
-            // KVM_REQ_TLB_FLUSH: kvm_vcpu_flush_tlb_all, which also covers a guest flush.
+            // KVM_REQ_TLB_FLUSH: kvm_vcpu_flush_tlb_all, which covers the current context.
             self.seen_flush = flushes;
+            self.req_flush_current = false;
+            env.stat(VcpuStat::TlbFlush);
+        }
+        if std::mem::take(&mut self.req_flush_current) {
+            // kvm_vcpu_flush_tlb_current.
             env.stat(VcpuStat::TlbFlush);
         }
         if std::mem::take(&mut self.req_flush_guest) {
@@ -497,6 +506,7 @@ impl KvmMmu {
         }
         // kvm_invalidate_pcid: the current PCID is flushed, which syncs its root.
         self.req_sync = true;
+        self.req_flush_current = true;
         if pcide {
             let pcid = new_cr3 & 0xfff;
             let prev = [0, 1, 2].map(|i| {
