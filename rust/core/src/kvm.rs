@@ -75,6 +75,8 @@ pub fn check_extension(capability: u64) -> i64 {
         | cap::VCPU_EVENTS
         | cap::DEBUGREGS
         | cap::SREGS2 => 1,
+        // KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET.
+        cap::MANUAL_DIRTY_LOG_PROTECT2 => 3,
         cap::NR_VCPUS => online.min(crate::vm::KVM_MAX_VCPUS as i64),
         cap::MAX_VCPUS => crate::vm::KVM_MAX_VCPUS as i64,
         cap::MAX_VCPU_ID => crate::vm::KVM_MAX_VCPU_IDS as i64,

@@ -3,6 +3,7 @@
 //! layouts and errnos. Pure Rust, no Python.
 
 pub mod cpuid;
+pub mod dirty_log;
 pub mod errno;
 pub mod hostmem;
 pub mod kvm;

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::dirty_log::DirtyBitmap;
 use crate::errno::{Errno, Result};
 use crate::hostmem::HostRegion;
 use crate::paging::GuestMem;
@@ -45,6 +46,9 @@ pub struct MemSlot {
     /// The host memory behind the slot and the offset of `userspace_addr` in it.
     pub host: Arc<HostRegion>,
     pub host_offset: usize,
+    /// memslot->dirty_bitmap: present while KVM_MEM_LOG_DIRTY_PAGES is set (unless the
+    /// VM logs only through dirty rings).
+    pub dirty_bitmap: Option<Arc<DirtyBitmap>>,
 }
 
 impl MemSlot {
@@ -82,6 +86,26 @@ pub struct MemSlots {
     last_hit: AtomicUsize,
     /// Bumped on every change; MMIO sptes carry it (KVM's memslot generation).
     generation: u64,
+    /// How new logging slots get their bitmap (the VM's dirty-log capabilities).
+    pub dirty_policy: DirtyPolicy,
+}
+
+/// The VM-wide choices that shape a logging slot's bitmap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtyPolicy {
+    /// kvm_use_dirty_bitmap: false for a VM that logs through dirty rings only.
+    pub use_bitmap: bool,
+    /// KVM_DIRTY_LOG_INITIALLY_SET with manual protect: new bitmaps start all ones.
+    pub initially_set: bool,
+}
+
+impl Default for DirtyPolicy {
+    fn default() -> Self {
+        DirtyPolicy {
+            use_bitmap: true,
+            initially_set: false,
+        }
+    }
 }
 
 impl MemSlots {
@@ -128,6 +152,11 @@ impl GuestMem for MemSlots {
         }
         slot.host.cmpxchg(off, size, old, new).map_err(|_| ())
     }
+
+    /// The walker's A/D updates are KVM writes: they are logged.
+    fn mark_dirty(&self, gfn: u64) {
+        self.mark_page_dirty(gfn);
+    }
 }
 
 impl MemSlots {
@@ -168,6 +197,19 @@ impl MemSlots {
             map: &slot.host,
             off,
         })
+    }
+}
+
+impl MemSlots {
+    /// mark_page_dirty: a write by KVM or the guest to `gfn` is logged if its slot
+    /// logs dirty pages (nothing happens outside memslots).
+    #[inline]
+    pub fn mark_page_dirty(&self, gfn: u64) {
+        if let Some(slot) = self.lookup(gfn) {
+            if let Some(b) = &slot.dirty_bitmap {
+                b.set(gfn - slot.base_gfn);
+            }
+        }
     }
 }
 
@@ -336,6 +378,20 @@ impl MemSlots {
             (_, Some(old)) => (old.host.clone(), old.host_offset),
             (_, None) => unreachable!("only Create has no old slot"),
         };
+        // kvm_prepare_memory_region: allocate or free the dirty bitmap as needed.
+        let dirty_bitmap = if mem.flags & KVM_MEM_LOG_DIRTY_PAGES == 0 {
+            None
+        } else if let Some(b) = old.and_then(|o| o.dirty_bitmap.clone()) {
+            Some(b)
+        } else if self.dirty_policy.use_bitmap {
+            let b = DirtyBitmap::new(npages);
+            if self.dirty_policy.initially_set {
+                b.set_all();
+            }
+            Some(Arc::new(b))
+        } else {
+            None
+        };
         let slot = MemSlot {
             id,
             as_id: as_id as u16,
@@ -345,6 +401,7 @@ impl MemSlots {
             flags: mem.flags,
             host,
             host_offset,
+            dirty_bitmap,
         };
         if self.by_id.len() <= id as usize {
             self.by_id.resize(id as usize + 1, None);

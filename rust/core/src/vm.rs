@@ -25,6 +25,8 @@ pub struct VmCaps {
     pub exception_payload: bool,
     /// KVM_CAP_X86_TRIPLE_FAULT_EVENT: triple_fault.pending in VCPU_EVENTS.
     pub triple_fault_event: bool,
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's flags (kvm->manual_dirty_log_protect).
+    pub manual_dirty_log: u64,
 }
 
 /// VM-wide state behind the VM lock (kvm->slots_lock and friends in one). Lock order:
@@ -108,6 +110,15 @@ impl Vm {
         })?;
         // kvm_arch_commit_memory_region / kvm_arch_flush_shadow_memslot.
         match (change, old, st.memslots.get(id)) {
+            (Change::FlagsOnly, Some(old), Some(new)) => {
+                // kvm_mmu_slot_apply_flags: only logging toggles of writable slots act.
+                let initially_set = st.memslots.dirty_policy.initially_set;
+                if !old.dirty_logging() && new.dirty_logging() {
+                    st.mmu.slot_logging_enabled(new, initially_set);
+                } else if old.dirty_logging() && !new.dirty_logging() && !new.readonly() {
+                    st.mmu.slot_logging_disabled(new);
+                }
+            }
             (Change::Create, _, Some(new)) => st.mmu.slot_created(new),
             (Change::Delete, Some(old), _) => st.mmu.slot_deleted(&old),
             (Change::Move, Some(old), Some(new)) => st.mmu.slot_moved(&old, new),
@@ -160,6 +171,20 @@ impl Vm {
             // Any args[0] is accepted; non-zero enables (x86.c).
             uapi::cap::EXCEPTION_PAYLOAD => st.caps.exception_payload = cap.args[0] != 0,
             uapi::cap::X86_TRIPLE_FAULT_EVENT => st.caps.triple_fault_event = cap.args[0] != 0,
+            uapi::cap::MANUAL_DIRTY_LOG_PROTECT2 => {
+                use crate::dirty_log::{INITIALLY_SET, MANUAL_PROTECT_ENABLE};
+                let allowed = if cap.args[0] & MANUAL_PROTECT_ENABLE != 0 {
+                    MANUAL_PROTECT_ENABLE | INITIALLY_SET
+                } else {
+                    MANUAL_PROTECT_ENABLE
+                };
+                if cap.args[0] & !allowed != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                st.caps.manual_dirty_log = cap.args[0];
+                st.memslots.dirty_policy.initially_set =
+                    cap.args[0] == MANUAL_PROTECT_ENABLE | INITIALLY_SET;
+            }
             _ => return Err(Errno::EINVAL),
         }
         Ok(())
@@ -183,6 +208,16 @@ impl Vm {
             uapi::KVM_ENABLE_CAP => {
                 let cap: kvm_enable_cap = read_struct(ua, arg)?;
                 self.enable_cap(&cap)?;
+                Ok(0)
+            }
+            uapi::KVM_GET_DIRTY_LOG => {
+                let log: uapi::kvm_dirty_log = read_struct(ua, arg)?;
+                self.get_dirty_log(&log, ua)?;
+                Ok(0)
+            }
+            uapi::KVM_CLEAR_DIRTY_LOG => {
+                let log: uapi::kvm_clear_dirty_log = read_struct(ua, arg)?;
+                self.clear_dirty_log(&log, ua)?;
                 Ok(0)
             }
             uapi::KVM_SET_TSS_ADDR => {

@@ -152,8 +152,10 @@ fn check_leaf(
         if gfn + pages > slot.end_gfn() || gfn < slot.base_gfn {
             return Err("huge leaf sticks out of its memslot".into());
         }
-        if slot.dirty_logging() {
-            return Err("huge leaf in a dirty-logged memslot".into());
+        // Invariant 26: logging maps new leaves 4 KiB; huge ones from before it
+        // started stay, write-protected, until a write splits them.
+        if slot.dirty_logging() && s.is_writable() && !slots.dirty_policy.initially_set {
+            return Err("writable huge leaf in a dirty-logged memslot".into());
         }
         if (gfn ^ (slot.gfn_to_hva(gfn) >> 12)) & (pages - 1) != 0 {
             return Err("huge leaf whose gpa and hva disagree in their low bits".into());
@@ -172,6 +174,15 @@ fn check_leaf(
     }
     if s.is_host_writable() && slot.readonly() {
         return Err("host-writable leaf in a read-only memslot".into());
+    }
+    // The no-loss rule of dirty logging (invariants 21-22): a page the guest can
+    // write without a fault is already marked dirty, so its next harvest reports it.
+    if let (true, Some(b)) = (s.is_writable(), &slot.dirty_bitmap) {
+        if let Some(g) = (gfn..gfn + pages).find(|&g| !b.test(g - slot.base_gfn)) {
+            return Err(format!(
+                "writable leaf over gfn {g:#x}, which the dirty log does not show"
+            ));
+        }
     }
     Ok(())
 }

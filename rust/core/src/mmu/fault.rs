@@ -127,7 +127,7 @@ pub fn set_mmio_caching(on: bool) {
 /// host_pfn_mapping_level: the host maps guest memory with 4 KiB pages unless the
 /// region asked for transparent huge pages (then 2 MiB where a whole aligned 2 MiB
 /// of the region backs the frame). 1 GiB host pages (hugetlbfs) are not modelled.
-fn host_mapping_level(slot: &MemSlot, gfn: u64) -> u8 {
+pub(crate) fn host_mapping_level(slot: &MemSlot, gfn: u64) -> u8 {
     if !slot.host.thp() {
         return PG_LEVEL_4K;
     }
@@ -196,6 +196,7 @@ pub fn mmu_set_spte(
         return PfRet::Spurious;
     }
     let mut wrprot = false;
+    let mut mark_dirty = false;
     let changed = env
         .mmu
         .set_leaf_with(sptep, pfn, gfn, pte_access, |m, cur| {
@@ -212,8 +213,13 @@ pub fn mmu_set_spte(
             };
             let (spte, r) = make_spte(&input, || m.try_to_unsync_pages(gfn, true, prefetch));
             wrprot = r.wrprot;
+            mark_dirty = r.mark_dirty;
             spte
         });
+    if mark_dirty {
+        // A writable SPTE in a logging slot: the page counts as written now.
+        env.slots.mark_page_dirty(gfn);
+    }
     if wrprot && write_fault {
         PfRet::WriteProtected
     } else if changed {
@@ -373,6 +379,7 @@ fn fast_page_fault(env: &mut MmuEnv<'_>, ctx: &KvmMmu, f: &PageFault) -> Option<
     }
     env.mmu
         .update_spte(step.sptep(), Spte(spte.0 | PT_WRITABLE));
+    env.slots.mark_page_dirty(gfn);
     env.stat(VcpuStat::PfFast);
     Some(PfRet::Fixed)
 }

@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod context;
+pub mod dirty_log;
 pub mod fault;
 pub mod inspect;
 pub mod page_track;

@@ -397,6 +397,8 @@ fn emulate_access(
     if kind.write {
         let pae = cpu.cr4 & CR4_PAE != 0;
         let VmState { mmu, memslots, .. } = vmg;
+        // kvm_vcpu_write_guest logs the page, then kvm_page_track_write.
+        memslots.mark_page_dirty(gpa >> 12);
         mmu.track_write(memslots, pae, gpa, buf.len());
     }
     AccessOutcome::Done
