@@ -196,52 +196,6 @@ impl DirtyBitmap {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sparse_set_take_and_copy() {
-        let b = DirtyBitmap::new(1 << 28); // 1 TiB of 4 KiB pages
-        assert!(b.memory_bytes() < 1 << 20, "{}", b.memory_bytes());
-        for p in [0u64, 63, 64, 1 << 20, (1 << 28) - 1] {
-            b.set(p);
-            assert!(b.test(p));
-        }
-        assert!(!b.test(1));
-        let mut seen = vec![];
-        b.for_each_word(|w, v| seen.push((w, v)));
-        assert_eq!(
-            seen,
-            vec![
-                (0, 1 | 1 << 63),
-                (1, 1),
-                (1 << 14, 1),
-                ((1 << 22) - 1, 1 << 63)
-            ]
-        );
-        let mut out = [0u64; 3];
-        b.copy_words(0, &mut out);
-        assert_eq!(out, [1 | 1 << 63, 1, 0]);
-        let mut taken = vec![];
-        b.take_words(|w, v| taken.push((w, v)));
-        assert_eq!(taken, seen);
-        let mut after = vec![];
-        b.for_each_word(|w, v| after.push((w, v)));
-        assert!(after.is_empty());
-    }
-
-    #[test]
-    fn set_all_stops_at_npages_and_clear_reports_cleared_bits() {
-        let b = DirtyBitmap::new(70);
-        b.set_all();
-        assert_eq!(b.word(0), u64::MAX);
-        assert_eq!(b.word(1), (1 << 6) - 1);
-        assert_eq!(b.clear_word(1, 0b1100_0000_0011), 0b11);
-        assert_eq!(b.word(1), (1 << 6) - 1 - 0b11);
-    }
-}
-
 /// KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE and KVM_DIRTY_LOG_INITIALLY_SET.
 pub const MANUAL_PROTECT_ENABLE: u64 = 1;
 pub const INITIALLY_SET: u64 = 2;
@@ -436,5 +390,51 @@ impl crate::vm::Vm {
             }
         }
         Ok(pages)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_set_take_and_copy() {
+        let b = DirtyBitmap::new(1 << 28); // 1 TiB of 4 KiB pages
+        assert!(b.memory_bytes() < 1 << 20, "{}", b.memory_bytes());
+        for p in [0u64, 63, 64, 1 << 20, (1 << 28) - 1] {
+            b.set(p);
+            assert!(b.test(p));
+        }
+        assert!(!b.test(1));
+        let mut seen = vec![];
+        b.for_each_word(|w, v| seen.push((w, v)));
+        assert_eq!(
+            seen,
+            vec![
+                (0, 1 | 1 << 63),
+                (1, 1),
+                (1 << 14, 1),
+                ((1 << 22) - 1, 1 << 63)
+            ]
+        );
+        let mut out = [0u64; 3];
+        b.copy_words(0, &mut out);
+        assert_eq!(out, [1 | 1 << 63, 1, 0]);
+        let mut taken = vec![];
+        b.take_words(|w, v| taken.push((w, v)));
+        assert_eq!(taken, seen);
+        let mut after = vec![];
+        b.for_each_word(|w, v| after.push((w, v)));
+        assert!(after.is_empty());
+    }
+
+    #[test]
+    fn set_all_stops_at_npages_and_clear_reports_cleared_bits() {
+        let b = DirtyBitmap::new(70);
+        b.set_all();
+        assert_eq!(b.word(0), u64::MAX);
+        assert_eq!(b.word(1), (1 << 6) - 1);
+        assert_eq!(b.clear_word(1, 0b1100_0000_0011), 0b11);
+        assert_eq!(b.word(1), (1 << 6) - 1 - 0b11);
     }
 }

@@ -414,6 +414,7 @@ mod tests {
         caps: VmCaps {
             exception_payload: false,
             triple_fault_event: false,
+            manual_dirty_log: 0,
         },
     };
     const PAYLOAD: VmFacts = VmFacts {
@@ -421,6 +422,7 @@ mod tests {
         caps: VmCaps {
             exception_payload: true,
             triple_fault_event: false,
+            manual_dirty_log: 0,
         },
     };
     const TRIPLE: VmFacts = VmFacts {
@@ -428,6 +430,7 @@ mod tests {
         caps: VmCaps {
             exception_payload: false,
             triple_fault_event: true,
+            manual_dirty_log: 0,
         },
     };
     const IRQCHIP: VmFacts = VmFacts {
@@ -435,6 +438,7 @@ mod tests {
         caps: VmCaps {
             exception_payload: false,
             triple_fault_event: false,
+            manual_dirty_log: 0,
         },
     };
 
