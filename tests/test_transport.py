@@ -180,8 +180,10 @@ def test_capabilities_report_what_the_simulator_implements(sim_kvm: kvmmmu.Kvm) 
     assert caps["KVM_CAP_NR_MEMSLOTS"] == 32764
     assert caps["KVM_CAP_MAX_VCPU_ID"] == 4096
     assert caps["KVM_CAP_READONLY_MEM"] == 1
+    # MANUAL_PROTECT_ENABLE | INITIALLY_SET, as the device reports
+    assert caps["KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"] == 3
     # not implemented yet: must not be claimed
-    for name in ("KVM_CAP_X86_SMM", "KVM_CAP_DIRTY_LOG_RING", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"):
+    for name in ("KVM_CAP_X86_SMM", "KVM_CAP_DIRTY_LOG_RING"):
         assert name not in caps
     # the Rust-side listing and KVM_CHECK_EXTENSION agree
     listed = kvmmmu._core.supported_capabilities()
