@@ -8,6 +8,7 @@ from . import dot, uapi
 from ._core import GuestMemory, SimKvm, __version__
 from .api import Kvm, Vcpu, Vm
 from .mmu import (
+    DirtyRingFull,
     GuestMmioAccess,
     GuestPageFault,
     MmuAuditError,
@@ -30,6 +31,7 @@ __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES",
     "KVM_MEM_READONLY",
     "DevTransport",
+    "DirtyRingFull",
     "GuestMemory",
     "GuestMmioAccess",
     "GuestPageFault",

@@ -76,6 +76,12 @@ class GuestPageFault(Exception):
         )
 
 
+class DirtyRingFull(Exception):
+    """The vCPU's dirty ring reached its soft limit: KVM_RUN exits with
+    ``KVM_EXIT_DIRTY_RING_FULL`` and will not enter the guest until userspace harvests
+    the ring and calls ``KVM_RESET_DIRTY_RINGS``. The access did not happen."""
+
+
 class GuestMmioAccess(Exception):
     """A guest access with no memory behind it (no memslot, or a write to a read-only
     slot): what ``KVM_RUN`` reports as ``KVM_EXIT_MMIO`` (``run.mmio.phys_addr``,
@@ -243,6 +249,8 @@ class VcpuMmu:
             _, gpa, offset, length = r
             part = data[offset : offset + length] if data is not None else None
             raise GuestMmioAccess(gpa, length, write, part, gva=gva + offset, offset=offset)
+        if r[0] == 3:
+            raise DirtyRingFull("dirty ring full: harvest and KVM_RESET_DIRTY_RINGS")
         raise GuestPageFault(r[1], r[2], r[3])
 
     def read(self, gva: int, size: int = 8, *, cpl: int = 0) -> int:

@@ -137,6 +137,18 @@ impl Mapping {
         Ok(unsafe { &*(self.ptr.as_ptr().add(off) as *const AtomicU64) })
     }
 
+    /// A naturally aligned u32 of the mapping as an atomic (dirty-ring entry flags,
+    /// which userspace changes concurrently).
+    pub fn atomic_u32(&self, off: usize) -> Result<&AtomicU32> {
+        self.check(off, 4)?;
+        if off & 3 != 0 {
+            return Err(Errno::EINVAL);
+        }
+        // SAFETY: in bounds and 4-byte aligned (the mapping is page aligned); the
+        // returned reference borrows `self`, so it cannot outlive the mapping.
+        Ok(unsafe { &*(self.ptr.as_ptr().add(off) as *const AtomicU32) })
+    }
+
     /// Raw base pointer, for the buffer protocol of the Python binding only.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
@@ -271,6 +283,15 @@ impl Deref for SharedMapping {
 impl SharedMapping {
     /// Map `size` bytes of `fd` shared, read/write.
     pub fn new(fd: std::os::fd::BorrowedFd<'_>, size: usize) -> Result<SharedMapping> {
+        Self::new_at(fd, 0, size)
+    }
+
+    /// Map `size` bytes of `fd` from byte `offset` (page aligned), shared, read/write.
+    pub fn new_at(
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: i64,
+        size: usize,
+    ) -> Result<SharedMapping> {
         let len = NonZeroUsize::new(size).ok_or(Errno::EINVAL)?;
         // SAFETY: a new shared mapping of a memfd we created and sized; it aliases
         // only other mappings of the same file, which is the intended sharing.
@@ -281,7 +302,7 @@ impl SharedMapping {
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
                 MapFlags::MAP_SHARED,
                 fd,
-                0,
+                offset,
             )
         }
         .map_err(Errno::from)?;

@@ -77,6 +77,10 @@ pub fn check_extension(capability: u64) -> i64 {
         | cap::SREGS2 => 1,
         // KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET.
         cap::MANUAL_DIRTY_LOG_PROTECT2 => 3,
+        // The largest ring, in bytes (KVM_DIRTY_RING_MAX_ENTRIES entries).
+        cap::DIRTY_LOG_RING | cap::DIRTY_LOG_RING_ACQ_REL => {
+            (crate::dirty_ring::MAX_ENTRIES * crate::dirty_ring::ENTRY_SIZE) as i64
+        }
         cap::NR_VCPUS => online.min(crate::vm::KVM_MAX_VCPUS as i64),
         cap::MAX_VCPUS => crate::vm::KVM_MAX_VCPUS as i64,
         cap::MAX_VCPU_ID => crate::vm::KVM_MAX_VCPU_IDS as i64,

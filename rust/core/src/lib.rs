@@ -4,6 +4,7 @@
 
 pub mod cpuid;
 pub mod dirty_log;
+pub mod dirty_ring;
 pub mod errno;
 pub mod hostmem;
 pub mod kvm;

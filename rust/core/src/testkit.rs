@@ -39,8 +39,22 @@ impl TestGuest {
     /// `mem_size` bytes of guest memory at gpa 0 and a vCPU in `mode` with an empty
     /// root table (PAE: a PDPT with four empty page directories).
     pub fn new(mode: PagingMode, mem_size: u64) -> Result<TestGuest> {
+        Self::new_with_ring(mode, mem_size, 0)
+    }
+
+    /// [`TestGuest::new`] on a VM that logs through dirty rings of `ring_size` bytes
+    /// (KVM_CAP_DIRTY_LOG_RING, enabled before the vCPU is created; 0: no ring).
+    pub fn new_with_ring(mode: PagingMode, mem_size: u64, ring_size: u64) -> Result<TestGuest> {
         let host = HostRegion::new(mem_size)?;
         let vm = Vm::new(0)?;
+        if ring_size != 0 {
+            let mut cap = crate::uapi::kvm_enable_cap {
+                cap: crate::uapi::cap::DIRTY_LOG_RING as u32,
+                ..Default::default()
+            };
+            cap.args[0] = ring_size;
+            vm.enable_cap(&cap)?;
+        }
         vm.set_user_memory_region(
             &kvm_userspace_memory_region2 {
                 slot: 0,

@@ -44,6 +44,8 @@ pub struct VmState {
     pub identity_map_addr: Option<u64>,
     /// The shadow MMU: shadow pages, rmaps, write tracking, the page limit.
     pub mmu: Mmu,
+    /// KVM_CAP_DIRTY_LOG_RING(_ACQ_REL): each vCPU's ring size in bytes (0: none).
+    pub dirty_ring_size: u64,
 }
 
 /// KVM_MIN_ALLOC_MMU_PAGES.
@@ -83,6 +85,7 @@ impl Vm {
             tss_addr: None,
             identity_map_addr: None,
             mmu: Mmu::new(stats.clone()),
+            dirty_ring_size: 0,
         };
         Ok(Arc::new_cyclic(|w| Vm {
             state: Mutex::new(state),
@@ -155,7 +158,7 @@ impl Vm {
         if st.vcpus.contains_key(&id) {
             return Err(Errno::EEXIST);
         }
-        let vcpu = Vcpu::new(self.self_ref.clone(), id)?;
+        let vcpu = Vcpu::new_with_ring(self.self_ref.clone(), id, st.dirty_ring_size)?;
         st.vcpus.insert(id, vcpu.clone());
         Ok(vcpu)
     }
@@ -163,10 +166,25 @@ impl Vm {
     /// KVM_ENABLE_CAP on the VM (kvm_vm_ioctl_enable_cap_generic + the x86 part):
     /// `flags` must be 0, and only capabilities the simulator implements can be enabled.
     pub fn enable_cap(&self, cap: &kvm_enable_cap) -> Result<()> {
+        let mut st = self.state();
+        if matches!(
+            u64::from(cap.cap),
+            uapi::cap::DIRTY_LOG_RING | uapi::cap::DIRTY_LOG_RING_ACQ_REL
+        ) {
+            // kvm_vm_ioctl_enable_dirty_log_ring (generic: flags are not checked).
+            let size = cap.args[0];
+            crate::dirty_ring::check_size(size)?;
+            if st.dirty_ring_size != 0 || !st.vcpus.is_empty() {
+                return Err(Errno::EINVAL);
+            }
+            st.dirty_ring_size = size;
+            // kvm_use_dirty_bitmap: rings only, so logging slots get no bitmap.
+            st.memslots.dirty_policy.use_bitmap = false;
+            return Ok(());
+        }
         if cap.flags != 0 {
             return Err(Errno::EINVAL);
         }
-        let mut st = self.state();
         match u64::from(cap.cap) {
             // Any args[0] is accepted; non-zero enables (x86.c).
             uapi::cap::EXCEPTION_PAYLOAD => st.caps.exception_payload = cap.args[0] != 0,
@@ -210,6 +228,7 @@ impl Vm {
                 self.enable_cap(&cap)?;
                 Ok(0)
             }
+            uapi::KVM_RESET_DIRTY_RINGS => self.reset_dirty_rings(),
             uapi::KVM_GET_DIRTY_LOG => {
                 let log: uapi::kvm_dirty_log = read_struct(ua, arg)?;
                 self.get_dirty_log(&log, ua)?;

@@ -28,7 +28,11 @@ struct Rig {
 
 impl Rig {
     fn new(npages: u64, thp: bool) -> Rig {
-        let mut g = TestGuest::new(PagingMode::Long4, 8 << 20).unwrap();
+        Self::with_ring(npages, thp, 0)
+    }
+
+    fn with_ring(npages: u64, thp: bool, ring: u64) -> Rig {
+        let mut g = TestGuest::new_with_ring(PagingMode::Long4, 8 << 20, ring).unwrap();
         let host = HostRegion::new(npages * 4096 + (2 << 20)).unwrap();
         if thp {
             host.set_thp(true).unwrap();
@@ -192,4 +196,79 @@ fn logging_breaks_huge_pages_and_disabling_recovers_them() {
     r.g.audit().unwrap();
     r.write(&[6]);
     assert_eq!(stat(&r, VmStat::Pages2m), 1, "logging off: huge again");
+}
+
+/// The ring's entries as (flags, slot, offset), from the vCPU's mmap area.
+fn ring_entries(r: &Rig, n: usize) -> Vec<(u32, u32, u64)> {
+    let mut buf = vec![0u8; 16 * n];
+    let off = (uapi::KVM_DIRTY_LOG_PAGE_OFFSET * 4096) as i64;
+    nix::sys::uio::pread(r.g.vcpu.memfd(), &mut buf, off).unwrap();
+    buf.chunks(16)
+        .map(|e| {
+            (
+                u32::from_le_bytes(e[0..4].try_into().unwrap()),
+                u32::from_le_bytes(e[4..8].try_into().unwrap()),
+                u64::from_le_bytes(e[8..16].try_into().unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// Userspace harvests: set RESET on the first `n` entries from `from`.
+fn ring_harvest(r: &Rig, from: usize, n: usize) {
+    for i in from..from + n {
+        let off = (uapi::KVM_DIRTY_LOG_PAGE_OFFSET * 4096) as i64 + 16 * i as i64;
+        nix::sys::uio::pwrite(r.g.vcpu.memfd(), &3u32.to_le_bytes(), off).unwrap();
+    }
+}
+
+#[test]
+fn dirty_ring_entries_reset_and_errors() {
+    let r = Rig::with_ring(64, false, 65536);
+    r.set_flags(LOG);
+    r.write(&[0, 9, 33]);
+    assert_eq!(
+        ring_entries(&r, 4),
+        vec![(1, 1, 0), (1, 1, 9), (1, 1, 33), (0, 0, 0)]
+    );
+    ring_harvest(&r, 0, 3);
+    assert_eq!(r.g.vm.reset_dirty_rings(), Ok(3));
+    r.g.audit().unwrap();
+    assert_eq!(ring_entries(&r, 3), vec![(0, 1, 0), (0, 1, 9), (0, 1, 33)]);
+    r.write(&[9, 12]);
+    assert_eq!(&ring_entries(&r, 5)[3..], &[(1, 1, 9), (1, 1, 12)]);
+    ring_harvest(&r, 3, 2);
+    assert_eq!(r.g.vm.reset_dirty_rings(), Ok(2));
+    // Bitmap ioctls are refused in ring mode; the ring can be set once, before vCPUs.
+    assert_eq!(r.g.vm.harvest_dirty_pages(1), Err(Errno::ENXIO));
+    assert_eq!(
+        r.enable_cap(uapi::cap::DIRTY_LOG_RING, 65536),
+        Err(Errno::EINVAL)
+    );
+    let plain = Rig::new(8, false);
+    assert_eq!(plain.g.vm.reset_dirty_rings(), Err(Errno::EINVAL));
+}
+
+#[test]
+fn dirty_ring_soft_limit_stops_the_vcpu_until_reset() {
+    // 4096 bytes = 256 entries, 64 reserved: full after 192.
+    let r = Rig::with_ring(256, false, 4096);
+    r.set_flags(LOG);
+    for p in 0..192u64 {
+        assert_eq!(
+            r.g.write(GVA + p * 4096, p, true).unwrap(),
+            AccessOutcome::Done
+        );
+    }
+    assert_eq!(
+        r.g.write(GVA + 200 * 4096, 1, true).unwrap(),
+        AccessOutcome::DirtyRingFull
+    );
+    ring_harvest(&r, 0, 192);
+    assert_eq!(r.g.vm.reset_dirty_rings(), Ok(192));
+    assert_eq!(
+        r.g.write(GVA + 200 * 4096, 1, true).unwrap(),
+        AccessOutcome::Done
+    );
+    r.g.audit().unwrap();
 }

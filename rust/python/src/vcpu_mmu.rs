@@ -180,6 +180,7 @@ impl VcpuMmu {
                 };
                 (2, e.vector(), e.error_code(), address).into_pyobject(py)
             }
+            Part::RingFull => (3, py.None()).into_pyobject(py),
         }
     }
 
@@ -236,6 +237,8 @@ enum Part {
     },
     /// The guest's fault, and the address of the part that raised it.
     Fault(WalkError, u64),
+    /// The dirty ring is at its soft limit (KVM_EXIT_DIRTY_RING_FULL).
+    RingFull,
 }
 
 /// The access in page parts, one Vcpu::guest_access each (the core splits the same
@@ -255,6 +258,7 @@ fn guest_access(vcpu: &Vcpu, gva: u64, buf: &mut [u8], kind: AccessKind) -> Resu
                 })
             }
             AccessOutcome::Fault(e) => return Ok(Part::Fault(e, addr)),
+            AccessOutcome::DirtyRingFull => return Ok(Part::RingFull),
         }
     }
     Ok(Part::Done)

@@ -13,9 +13,10 @@ use super::rmap::spte_ptr;
 use super::role::{pae_root_role, shadow_root_role, CpuRole, Role, PT64_ROOT_4LEVEL};
 use super::shadow::{Mmu, SpIndex, NIL};
 use super::spte::{spte_index, Spte};
+use crate::dirty_ring::DirtyRing;
 use crate::errno::Result;
 use crate::memslot::MemSlots;
-use crate::paging::{GuestMmu, WalkCtx};
+use crate::paging::{GuestMem, GuestMmu, WalkCtx};
 use crate::stats::{StatsFile, VcpuStat, VmStat};
 
 /// KVM_MMU_NUM_PREV_ROOTS.
@@ -106,12 +107,75 @@ pub struct MmuEnv<'a> {
     pub mmu: &'a mut Mmu,
     pub slots: &'a MemSlots,
     pub stats: &'a StatsFile,
+    /// The running vCPU's dirty ring, if the VM logs through rings.
+    pub ring: Option<&'a DirtyRing>,
 }
 
-impl MmuEnv<'_> {
+impl<'a> MmuEnv<'a> {
     #[inline]
     pub fn stat(&self, s: VcpuStat) {
         self.stats.add(s as usize, 1);
+    }
+
+    /// mark_page_dirty_in_slot for the running vCPU: its ring, else the bitmap.
+    #[inline]
+    pub fn mark_page_dirty(&self, gfn: u64) {
+        mark_page_dirty(self.slots, self.ring, gfn);
+    }
+
+    /// Guest memory for walks and emulated accesses: the memslots, with KVM's own
+    /// writes (A/D bits) logged to this vCPU.
+    pub fn guest_mem(&self) -> LoggedMem<'a> {
+        LoggedMem {
+            slots: self.slots,
+            ring: self.ring,
+        }
+    }
+}
+
+/// mark_page_dirty_in_slot: the ring of the vCPU that wrote (entries are slot and
+/// slot-relative gfn), else the slot's bitmap; nothing for slots that do not log.
+#[inline]
+pub fn mark_page_dirty(slots: &MemSlots, ring: Option<&DirtyRing>, gfn: u64) {
+    let Some(slot) = slots.lookup(gfn) else {
+        return;
+    };
+    if !slot.dirty_logging() {
+        return;
+    }
+    let rel = gfn - slot.base_gfn;
+    match ring {
+        Some(r) => r.push((u32::from(slot.as_id) << 16) | u32::from(slot.id), rel),
+        None => {
+            if let Some(b) = &slot.dirty_bitmap {
+                b.set(rel);
+            }
+        }
+    }
+}
+
+/// The memslots as guest memory for a vCPU (its ring gets the walker's writes).
+#[derive(Clone, Copy)]
+pub struct LoggedMem<'a> {
+    pub slots: &'a MemSlots,
+    pub ring: Option<&'a DirtyRing>,
+}
+
+impl GuestMem for LoggedMem<'_> {
+    #[inline]
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        self.slots.read(gpa, buf)
+    }
+    #[inline]
+    fn read_gpte(&self, gpa: u64, size: usize) -> Option<u64> {
+        self.slots.read_gpte(gpa, size)
+    }
+    #[inline]
+    fn cmpxchg(&self, gpa: u64, size: usize, old: u64, new: u64) -> std::result::Result<bool, ()> {
+        self.slots.cmpxchg(gpa, size, old, new)
+    }
+    fn mark_dirty(&self, gfn: u64) {
+        mark_page_dirty(self.slots, self.ring, gfn);
     }
 }
 

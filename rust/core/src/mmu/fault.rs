@@ -218,7 +218,7 @@ pub fn mmu_set_spte(
         });
     if mark_dirty {
         // A writable SPTE in a logging slot: the page counts as written now.
-        env.slots.mark_page_dirty(gfn);
+        env.mark_page_dirty(gfn);
     }
     if wrprot && write_fault {
         PfRet::WriteProtected
@@ -379,7 +379,7 @@ fn fast_page_fault(env: &mut MmuEnv<'_>, ctx: &KvmMmu, f: &PageFault) -> Option<
     }
     env.mmu
         .update_spte(step.sptep(), Spte(spte.0 | PT_WRITABLE));
-    env.slots.mark_page_dirty(gfn);
+    env.mark_page_dirty(gfn);
     env.stat(VcpuStat::PfFast);
     Some(PfRet::Fixed)
 }

@@ -123,7 +123,10 @@ pub fn page_fault(env: &mut MmuEnv<'_>, ctx: &mut KvmMmu, f: &PageFault) -> Resu
         fetch: f.exec,
         implicit: f.implicit,
     };
-    let walk = match ctx.guest.walk_no_canonical_check(env.slots, f.addr, access) {
+    let walk = match ctx
+        .guest
+        .walk_no_canonical_check(&env.guest_mem(), f.addr, access)
+    {
         Ok(w) => w,
         Err(e) => return Ok(PfRet::Guest(e)),
     };

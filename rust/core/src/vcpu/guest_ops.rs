@@ -11,7 +11,7 @@
 //! write-protected page table, which then zaps the SPTEs it fed).
 
 use crate::errno::{Errno, Result};
-use crate::mmu::context::{shadow_leaf, KvmMmu, MmuEnv};
+use crate::mmu::context::{mark_page_dirty, shadow_leaf, KvmMmu, LoggedMem, MmuEnv};
 use crate::mmu::fault::{kvm_mmu_page_fault, PageFault, PfRet};
 use crate::mmu::shadow::Mmu;
 use crate::paging::{
@@ -44,6 +44,9 @@ pub enum AccessOutcome {
     Mmio { gpa: u64 },
     /// The guest takes this fault (#PF with CR2 and error code, or #GP).
     Fault(WalkError),
+    /// The vCPU's dirty ring is at its soft limit: KVM_RUN would exit with
+    /// KVM_EXIT_DIRTY_RING_FULL and not enter the guest until a reset.
+    DirtyRingFull,
 }
 
 /// The kind of a guest access.
@@ -143,6 +146,9 @@ impl Vcpu {
         page_table_writing: bool,
     ) -> Result<AccessOutcome> {
         let vm = self.vm().ok_or(Errno::EIO)?;
+        if self.dirty_ring.as_ref().is_some_and(|r| r.soft_full()) {
+            return Ok(AccessOutcome::DirtyRingFull);
+        }
         let mut st = self.state();
         let cpu = st.walk_ctx();
         let mode = cpu.mode();
@@ -205,6 +211,7 @@ impl Vcpu {
                 mmu,
                 slots: memslots,
                 stats: &self.stats,
+                ring: self.dirty_ring.as_ref(),
             };
             ctx.enter(&mut env, cpu)?;
             let error_code = match tlb_lookup(env.mmu, ctx, cpu, addr, kind) {
@@ -238,7 +245,16 @@ impl Vcpu {
                     continue;
                 }
                 PfRet::Emulate | PfRet::WriteProtected => {
-                    return Ok(emulate_access(vmg, ctx, sregs, cpu, addr, buf, kind));
+                    return Ok(emulate_access(
+                        vmg,
+                        self.dirty_ring.as_ref(),
+                        ctx,
+                        sregs,
+                        cpu,
+                        addr,
+                        buf,
+                        kind,
+                    ));
                 }
             }
         }
@@ -277,6 +293,7 @@ impl Vcpu {
             mmu,
             slots: memslots,
             stats: &self.stats,
+            ring: self.dirty_ring.as_ref(),
         };
         if st.mmu.reset_pending {
             st.mmu.reset_context(&mut env, &cpu);
@@ -369,8 +386,10 @@ pub enum ControlReg {
 /// The emulator's memory access (emulator_read_write_onepage): translate with the
 /// guest walker (setting A/D bits), then read or write guest memory; a write lands
 /// first and is then reported to the shadow MMU (kvm_page_track_write).
+#[allow(clippy::too_many_arguments)]
 fn emulate_access(
     vmg: &mut VmState,
+    ring: Option<&crate::dirty_ring::DirtyRing>,
     ctx: &KvmMmu,
     sregs: &mut crate::uapi::kvm_sregs,
     cpu: &WalkCtx,
@@ -378,10 +397,14 @@ fn emulate_access(
     buf: &mut [u8],
     kind: AccessKind,
 ) -> AccessOutcome {
-    let walk = match ctx
-        .guest
-        .walk_no_canonical_check(&vmg.memslots, addr, kind.access())
-    {
+    let walk = match ctx.guest.walk_no_canonical_check(
+        &LoggedMem {
+            slots: &vmg.memslots,
+            ring,
+        },
+        addr,
+        kind.access(),
+    ) {
         Ok(w) => w,
         Err(e) => {
             if let WalkError::PageFault { address, .. } = e {
@@ -398,7 +421,7 @@ fn emulate_access(
         let pae = cpu.cr4 & CR4_PAE != 0;
         let VmState { mmu, memslots, .. } = vmg;
         // kvm_vcpu_write_guest logs the page, then kvm_page_track_write.
-        memslots.mark_page_dirty(gpa >> 12);
+        mark_page_dirty(memslots, ring, gpa >> 12);
         mmu.track_write(memslots, pae, gpa, buf.len());
     }
     AccessOutcome::Done

@@ -106,6 +106,8 @@ pub struct Vcpu {
     memfd: OwnedFd,
     /// KVM's per-vCPU counters (KVM_GET_STATS_FD).
     pub stats: crate::stats::StatsFile,
+    /// The dirty ring, when the VM enabled KVM_CAP_DIRTY_LOG_RING before this vCPU.
+    pub dirty_ring: Option<crate::dirty_ring::DirtyRing>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -117,6 +119,12 @@ impl std::fmt::Debug for Vcpu {
 impl Vcpu {
     /// Create the vCPU and its mmap area, backed by a memfd that userspace can map.
     pub fn new(vm: Weak<Vm>, id: u32) -> Result<Arc<Vcpu>> {
+        Self::new_with_ring(vm, id, 0)
+    }
+
+    /// A vCPU whose mmap area also holds a dirty ring of `ring_size` bytes at page
+    /// KVM_DIRTY_LOG_PAGE_OFFSET (none if 0).
+    pub fn new_with_ring(vm: Weak<Vm>, id: u32, ring_size: u64) -> Result<Arc<Vcpu>> {
         let name = format!("kvmmmu-vcpu:{id}");
         let memfd = nix::sys::memfd::memfd_create(
             std::ffi::CString::new(name)
@@ -125,7 +133,15 @@ impl Vcpu {
             nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
         )
         .map_err(Errno::from)?;
-        nix::unistd::ftruncate(&memfd, VCPU_MMAP_SIZE as i64).map_err(Errno::from)?;
+        let file_size = if ring_size == 0 {
+            VCPU_MMAP_SIZE as u64
+        } else {
+            uapi::KVM_DIRTY_LOG_PAGE_OFFSET * uapi::PAGE_SIZE + ring_size
+        };
+        nix::unistd::ftruncate(&memfd, file_size as i64).map_err(Errno::from)?;
+        let dirty_ring = (ring_size != 0)
+            .then(|| crate::dirty_ring::DirtyRing::new(&memfd, ring_size))
+            .transpose()?;
         let run = SharedMapping::new(memfd.as_fd(), VCPU_MMAP_SIZE)?;
         let stats = crate::stats::StatsFile::new(
             &format!("kvm-vcpu-stats:{id}"),
@@ -139,6 +155,7 @@ impl Vcpu {
             run,
             memfd,
             stats,
+            dirty_ring,
         }))
     }
 
