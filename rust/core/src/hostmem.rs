@@ -137,6 +137,21 @@ impl Mapping {
         Ok(unsafe { &*(self.ptr.as_ptr().add(off) as *const AtomicU64) })
     }
 
+    /// `n` naturally aligned u64s of the mapping from `off`, as atomics.
+    pub fn atomic_u64s(&self, off: usize, n: usize) -> Result<&[AtomicU64]> {
+        self.check(off, n.checked_mul(8).ok_or(Errno::EFAULT)?)?;
+        if off & 7 != 0 {
+            return Err(Errno::EINVAL);
+        }
+        // SAFETY: in bounds and 8-byte aligned; AtomicU64 has the layout of u64; the
+        // slice borrows `self`, so it cannot outlive the mapping.
+        Ok(
+            unsafe {
+                std::slice::from_raw_parts(self.ptr.as_ptr().add(off) as *const AtomicU64, n)
+            },
+        )
+    }
+
     /// A naturally aligned u32 of the mapping as an atomic (dirty-ring entry flags,
     /// which userspace changes concurrently).
     pub fn atomic_u32(&self, off: usize) -> Result<&AtomicU32> {

@@ -141,7 +141,9 @@ impl GuestMem for MemSlots {
 
     #[inline]
     fn read_gpte(&self, gpa: u64, size: usize) -> Option<u64> {
-        let (slot, off) = self.host_of(gpa, size)?;
+        // A naturally aligned gpte never crosses a page (load checks the alignment).
+        let slot = self.lookup(gpa >> PAGE_SHIFT)?;
+        let off = slot.host_offset + (gpa - (slot.base_gfn << PAGE_SHIFT)) as usize;
         slot.host.load(off, size).ok()
     }
 
@@ -184,6 +186,14 @@ impl GuestPage<'_> {
     pub fn load(&self, page_off: usize, size: usize) -> Option<u64> {
         debug_assert!(page_off + size <= PAGE_SIZE as usize);
         self.map.load(self.off + page_off, size).ok()
+    }
+
+    /// Copy `buf.len()` bytes at `page_off` (kvm_vcpu_read_guest_atomic: one copy,
+    /// not one atomic load per entry).
+    #[inline]
+    pub fn read(&self, page_off: usize, buf: &mut [u8]) -> bool {
+        page_off + buf.len() <= PAGE_SIZE as usize
+            && self.map.read(self.off + page_off, buf).is_ok()
     }
 }
 

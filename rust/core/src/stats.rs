@@ -144,11 +144,12 @@ impl StatsFile {
         })
     }
 
+    #[inline]
     fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
-        assert!(i < self.len, "stat index out of range");
-        self.map
-            .atomic_u64(self.data_offset + 8 * i)
-            .expect("stats word inside the mapping")
+        &self
+            .map
+            .atomic_u64s(self.data_offset, self.len)
+            .expect("stats words inside the mapping")[i]
     }
 
     // Writers are serialized by their owner's lock (the VM lock for VM counters, the

@@ -99,11 +99,17 @@ fn gpte_changed(slots: &MemSlots, gw: &mut GuestWalker, level: u8) -> bool {
     };
     let cur = if level == PG_LEVEL_4K {
         let base = (gpa & 0xfff) as usize & !(PTE_PREFETCH_NUM * size - 1);
-        for (i, p) in gw.prefetch_ptes.iter_mut().enumerate() {
-            match page.load(base + i * size, size) {
-                Some(v) => *p = v,
-                None => return true,
-            }
+        let mut block = [0u8; PTE_PREFETCH_NUM * 8];
+        let block = &mut block[..PTE_PREFETCH_NUM * size];
+        if !page.read(base, block) {
+            return true;
+        }
+        for (p, b) in gw.prefetch_ptes.iter_mut().zip(block.chunks_exact(size)) {
+            *p = if size == 8 {
+                u64::from_le_bytes(b.try_into().expect("8 bytes"))
+            } else {
+                u64::from(u32::from_le_bytes(b.try_into().expect("4 bytes")))
+            };
         }
         gw.prefetch_ptes[((gpa & 0xfff) as usize - base) / size]
     } else {
@@ -195,7 +201,7 @@ fn fetch(
         ctx.req_free_obsolete = true;
         return PfRet::Retry;
     };
-    let guest = ctx.guest;
+    let guest = &ctx.guest;
     let root_role = ctx.root_role;
     let direct_access = gw.pte_access;
     loop {
@@ -207,12 +213,12 @@ fn fetch(
         let l = usize::from(level) - 2;
         let (table_gfn, access) = (gw.table_gfn[l], gw.pt_access[l]);
         let child = get_child_sp(env.mmu, sptep, table_gfn, false, access, |m, i| {
-            sync_page(m, slots, &guest, root_role, i)
+            sync_page(m, slots, guest, root_role, i)
         });
         if let Some(c) = child {
             // Sync before linking: the guest need not flush after making a gpte present.
             if env.mmu.get(c).unsync_children != 0 {
-                sync_children(env.mmu, slots, &guest, root_role, c);
+                sync_children(env.mmu, slots, guest, root_role, c);
             }
         }
         if gpte_changed(slots, gw, level - 1) {
@@ -234,7 +240,7 @@ fn fetch(
             }
             let r = mmu_set_spte(env, sptep, gw.pte_access, base_gfn, &host, false, f.write);
             if r != PfRet::Spurious {
-                pte_prefetch(env, &guest, gw, sptep);
+                pte_prefetch(env, guest, gw, sptep);
             }
             return r;
         }
