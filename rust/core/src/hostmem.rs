@@ -183,7 +183,23 @@ pub struct HostRegion {
     map: Mapping,
     /// madvise(MADV_HUGEPAGE) was asked: the host may map it with 2 MiB pages.
     thp: std::sync::atomic::AtomicBool,
+    /// The host's page table for the region, where it differs from "page i of the
+    /// region is frame hva >> 12, writable": pages migrated or refilled after a
+    /// discard (new frames), and pages made read-only (KSM merging, fork's COW).
+    pages: Mutex<HostPages>,
+    /// Some page differs (the fast path skips the lock otherwise).
+    changed: std::sync::atomic::AtomicBool,
 }
+
+#[derive(Default)]
+struct HostPages {
+    pfn: BTreeMap<u64, u64>,
+    readonly: std::collections::BTreeSet<u64>,
+}
+
+/// Frames handed out for migrated or refilled pages: above any hva >> 12 of a
+/// 47-bit address space, inside the 40-bit PFN field of an SPTE.
+static NEXT_PFN: AtomicU64 = AtomicU64::new(1 << 38);
 
 impl Deref for HostRegion {
     type Target = Mapping;
@@ -223,12 +239,88 @@ impl HostRegion {
                 size: len.get(),
             },
             thp: std::sync::atomic::AtomicBool::new(false),
+            pages: Mutex::new(HostPages::default()),
+            changed: std::sync::atomic::AtomicBool::new(false),
         });
         registry()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(region.addr(), Arc::downgrade(&region));
         Ok(region)
+    }
+
+    fn host_pages(&self) -> std::sync::MutexGuard<'_, HostPages> {
+        self.pages.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The host frame behind `hva` (a page of this region) and whether the host maps
+    /// it writable: what get_user_pages gives KVM.
+    #[inline]
+    pub fn frame(&self, hva: u64) -> (u64, bool) {
+        let page = hva >> 12;
+        if !self.changed.load(Ordering::Acquire) {
+            return (page, true);
+        }
+        let p = self.host_pages();
+        (
+            p.pfn.get(&page).copied().unwrap_or(page),
+            !p.readonly.contains(&page),
+        )
+    }
+
+    /// Whether any page of [hva, hva + len) left the plain layout (which also breaks
+    /// a host huge page over it).
+    pub fn changed_in(&self, hva: u64, len: u64) -> bool {
+        if !self.changed.load(Ordering::Acquire) {
+            return false;
+        }
+        let (a, b) = (hva >> 12, (hva + len).div_ceil(4096));
+        let p = self.host_pages();
+        p.pfn.range(a..b).next().is_some() || p.readonly.range(a..b).next().is_some()
+    }
+
+    /// Give the page at `hva` a new frame (page migration, or a fresh page after a
+    /// discard). The contents are the caller's business.
+    pub fn new_frame(&self, hva: u64) -> u64 {
+        let pfn = NEXT_PFN.fetch_add(1, Ordering::Relaxed);
+        self.host_pages().pfn.insert(hva >> 12, pfn);
+        self.changed.store(true, Ordering::Release);
+        pfn
+    }
+
+    /// Make the host's mapping of the page at `hva` read-only (KSM merge, fork) or
+    /// writable again.
+    pub fn set_host_readonly(&self, hva: u64, readonly: bool) {
+        let mut p = self.host_pages();
+        if readonly {
+            p.readonly.insert(hva >> 12);
+        } else {
+            p.readonly.remove(&(hva >> 12));
+        }
+        drop(p);
+        self.changed.store(true, Ordering::Release);
+    }
+
+    /// MADV_DONTNEED on [off, off + len): the pages read as zero from now on.
+    pub fn discard(&self, off: usize, len: usize) -> Result<()> {
+        self.check(off, len)?;
+        if off & 0xfff != 0 || len & 0xfff != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: a page-aligned range inside this region's own private anonymous
+        // mapping; MADV_DONTNEED only replaces its contents with zero pages.
+        unsafe {
+            nix::sys::mman::madvise(
+                self.map.ptr.add(off).cast(),
+                len,
+                nix::sys::mman::MmapAdvise::MADV_DONTNEED,
+            )
+        }
+        .map_err(Errno::from)?;
+        Ok(())
     }
 
     /// Whether the region asked for transparent huge pages.

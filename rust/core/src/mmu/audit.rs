@@ -141,6 +141,13 @@ fn check_leaf(
 ) -> Result<(), String> {
     let level = sp.role.level();
     let gfn = sp.get_gfn(i);
+    // Invariant 30: nothing maps a gfn whose host page is being invalidated.
+    let pages0 = kvm_pages_per_hpage(level);
+    if (gfn..gfn + pages0).any(|g| mmu.invalidation_blocks(g)) {
+        return Err(format!(
+            "leaf over gfn {gfn:#x} during an invalidation of it"
+        ));
+    }
     let slot = slots
         .lookup(gfn)
         .ok_or_else(|| format!("maps gfn {gfn:#x} outside every memslot"))?;
@@ -166,10 +173,16 @@ fn check_leaf(
             return Err("writable huge leaf over a write-tracked gfn".into());
         }
     }
-    if s.pfn() != slot.gfn_to_hva(gfn) >> 12 {
+    let (frame, host_writable) = slot.host.frame(slot.gfn_to_hva(gfn));
+    if s.pfn() != frame {
         return Err(format!(
-            "frame {:#x} is not the host page of gfn {gfn:#x}",
+            "frame {:#x} is not the host page of gfn {gfn:#x} ({frame:#x})",
             s.pfn()
+        ));
+    }
+    if s.is_host_writable() && !host_writable {
+        return Err(format!(
+            "host-writable leaf over gfn {gfn:#x}, which the host maps read-only"
         ));
     }
     if s.is_host_writable() && slot.readonly() {

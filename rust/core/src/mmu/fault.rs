@@ -104,11 +104,18 @@ pub fn faultin_pfn(
         }
         // A write to a read-only slot: KVM_PFN_ERR_RO_FAULT, emulated as MMIO.
         Some(s) if f.write && s.readonly() => Err(PfRet::Emulate),
-        Some(s) => Ok(HostPage {
-            pfn: Some(s.gfn_to_hva(gfn) >> 12),
-            writable: !s.readonly(),
-            dirty_log: s.dirty_logging(),
-        }),
+        Some(s) => {
+            let (pfn, host_writable) = s.host.frame(s.gfn_to_hva(gfn));
+            if f.write && !host_writable {
+                // get_user_pages(FOLL_WRITE) breaks COW: the caller does it.
+                return Err(PfRet::Retry);
+            }
+            Ok(HostPage {
+                pfn: Some(pfn),
+                writable: !s.readonly() && host_writable,
+                dirty_log: s.dirty_logging(),
+            })
+        }
     }
 }
 
@@ -134,7 +141,10 @@ pub(crate) fn host_mapping_level(slot: &MemSlot, gfn: u64) -> u8 {
     let hva = slot.gfn_to_hva(gfn);
     let start = hva & !((2 << 20) - 1);
     let base = slot.host.addr();
-    if start >= base && start + (2 << 20) <= base + slot.host.size() as u64 {
+    if start >= base
+        && start + (2 << 20) <= base + slot.host.size() as u64
+        && !slot.host.changed_in(start, 2 << 20)
+    {
         2
     } else {
         PG_LEVEL_4K
@@ -311,8 +321,12 @@ fn direct_page_fault(env: &mut MmuEnv<'_>, ctx: &mut KvmMmu, f: &PageFault) -> R
     }
     let host = match faultin_pfn(ctx, env.slots, f, gfn) {
         Ok(h) => h,
+        Err(PfRet::Retry) => return Ok(super::notifier::break_cow(env, gfn)),
         Err(r) => return Ok(r),
     };
+    if env.mmu.invalidation_blocks(gfn) {
+        return Ok(PfRet::Retry);
+    }
     env.mmu.make_mmu_pages_available()?;
     let goal = hugepage_adjust(env.mmu, env.slots, gfn, 2, &host);
     Ok(direct_map(env, ctx, f, gfn, goal, ACC_ALL, &host))
@@ -342,7 +356,7 @@ fn direct_map(
                 *p &= !(kvm_pages_per_hpage(level) - 1);
             }
             let r = mmu_set_spte(env, sptep, access, base_gfn, &host, false, f.write);
-            if r != PfRet::Spurious && level == PG_LEVEL_4K {
+            if r != PfRet::Spurious && level == PG_LEVEL_4K && env.mmu.invalidate_in_progress == 0 {
                 direct_pte_prefetch(env, sptep);
             }
             return r;
@@ -423,10 +437,14 @@ fn direct_prefetch_many(env: &mut MmuEnv<'_>, sp: SpIndex, start: usize, end: us
         writable: true,
         dirty_log: slot.dirty_logging(),
     };
-    let hvas: Vec<u64> = (0..n)
-        .map(|k| slot.gfn_to_hva(gfn + k as u64) >> 12)
+    let frames: Vec<(u64, bool)> = (0..n)
+        .map(|k| slot.host.frame(slot.gfn_to_hva(gfn + k as u64)))
         .collect();
-    for (k, pfn) in hvas.into_iter().enumerate() {
+    for (k, (pfn, host_writable)) in frames.into_iter().enumerate() {
+        if !host_writable {
+            // gfn_to_page_many_atomic maps writable: a read-only host page ends the run.
+            return true;
+        }
         let host = HostPage {
             pfn: Some(pfn),
             ..host_base

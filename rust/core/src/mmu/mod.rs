@@ -9,6 +9,7 @@ pub mod context;
 pub mod dirty_log;
 pub mod fault;
 pub mod inspect;
+pub mod notifier;
 pub mod page_track;
 pub mod paging_tmpl;
 pub mod rmap;

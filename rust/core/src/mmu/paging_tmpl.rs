@@ -151,6 +151,7 @@ pub fn page_fault(env: &mut MmuEnv<'_>, ctx: &mut KvmMmu, f: &PageFault) -> Resu
     }
     let host = match faultin_pfn(ctx, env.slots, f, gw.gfn) {
         Ok(h) => h,
+        Err(PfRet::Retry) => return Ok(super::notifier::break_cow(env, gw.gfn)),
         Err(r) => return Ok(r),
     };
     // CR0.WP=0: a supervisor write to a read-only page is allowed; KVM maps it
@@ -167,11 +168,14 @@ pub fn page_fault(env: &mut MmuEnv<'_>, ctx: &mut KvmMmu, f: &PageFault) -> Resu
             gw.pte_access &= !ACC_EXEC;
         }
     }
-    // is_page_fault_stale.
+    // is_page_fault_stale: an obsolete root, or an invalidation covering the gfn.
     if let RootHpa::Page(sp) = ctx.root.hpa {
         if env.mmu.is_obsolete(sp) {
             return Ok(PfRet::Retry);
         }
+    }
+    if env.mmu.invalidation_blocks(gw.gfn) {
+        return Ok(PfRet::Retry);
     }
     env.mmu.make_mmu_pages_available()?;
     Ok(fetch(env, ctx, f, &mut gw, host))
@@ -239,7 +243,8 @@ fn fetch(
                 *p &= !(kvm_pages_per_hpage(level) - 1);
             }
             let r = mmu_set_spte(env, sptep, gw.pte_access, base_gfn, &host, false, f.write);
-            if r != PfRet::Spurious {
+            // No prefetch while addresses are being invalidated.
+            if r != PfRet::Spurious && env.mmu.invalidate_in_progress == 0 {
                 pte_prefetch(env, guest, gw, sptep);
             }
             return r;
@@ -337,8 +342,12 @@ fn prefetch_gpte(env: &mut MmuEnv<'_>, guest: &GuestMmu, sp: SpIndex, i: usize, 
     if (access & ACC_WRITE != 0 && slot.dirty_logging()) || slot.readonly() {
         return false;
     }
+    let (pfn, host_writable) = slot.host.frame(slot.gfn_to_hva(gfn));
+    if !host_writable {
+        return false;
+    }
     let host = HostPage {
-        pfn: Some(slot.gfn_to_hva(gfn) >> 12),
+        pfn: Some(pfn),
         writable: true,
         dirty_log: slot.dirty_logging(),
     };

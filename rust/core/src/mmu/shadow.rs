@@ -303,6 +303,11 @@ pub struct Mmu {
     /// (base_gfn, end_gfn, id) of `slots`, sorted by gfn.
     slot_ranges: Vec<(u64, u64, u16)>,
     free_obsolete_roots_requests: u64,
+    /// The MMU-notifier protocol (kvm->mmu_invalidate_*): invalidations running,
+    /// their gfn hull, and the sequence number bumped when one ends.
+    pub invalidate_in_progress: u32,
+    pub invalidate_range: (u64, u64),
+    pub invalidate_seq: u64,
     stats: Arc<StatsFile>,
     remote_kick: Box<dyn Fn() -> bool + Send + Sync>,
 }
@@ -338,6 +343,9 @@ impl Mmu {
             slots: Vec::new(),
             slot_ranges: Vec::new(),
             free_obsolete_roots_requests: 0,
+            invalidate_in_progress: 0,
+            invalidate_range: (0, 0),
+            invalidate_seq: 0,
             stats,
             remote_kick: Box::new(|| false),
         }
