@@ -45,8 +45,19 @@ impl TestGuest {
     /// [`TestGuest::new`] on a VM that logs through dirty rings of `ring_size` bytes
     /// (KVM_CAP_DIRTY_LOG_RING, enabled before the vCPU is created; 0: no ring).
     pub fn new_with_ring(mode: PagingMode, mem_size: u64, ring_size: u64) -> Result<TestGuest> {
+        Self::build(mode, mem_size, ring_size, false)
+    }
+
+    /// [`TestGuest::new`] with two-dimensional paging instead of the shadow MMU.
+    pub fn new_tdp(mode: PagingMode, mem_size: u64) -> Result<TestGuest> {
+        Self::build(mode, mem_size, 0, true)
+    }
+
+    /// The general form: a dirty ring of `ring_size` bytes (0: none), TDP or shadow.
+    pub fn build(mode: PagingMode, mem_size: u64, ring_size: u64, tdp: bool) -> Result<TestGuest> {
         let host = HostRegion::new(mem_size)?;
         let vm = Vm::new(0)?;
+        vm.set_tdp(tdp)?;
         if ring_size != 0 {
             let mut cap = crate::uapi::kvm_enable_cap {
                 cap: crate::uapi::cap::DIRTY_LOG_RING as u32,

@@ -46,6 +46,8 @@ pub struct VmState {
     pub mmu: Mmu,
     /// KVM_CAP_DIRTY_LOG_RING(_ACQ_REL): each vCPU's ring size in bytes (0: none).
     pub dirty_ring_size: u64,
+    /// Two-dimensional paging (NPT/EPT) instead of the shadow MMU (simulator option).
+    pub tdp: bool,
 }
 
 /// KVM_MIN_ALLOC_MMU_PAGES.
@@ -86,6 +88,7 @@ impl Vm {
             identity_map_addr: None,
             mmu: Mmu::new(stats.clone()),
             dirty_ring_size: 0,
+            tdp: false,
         };
         Ok(Arc::new_cyclic(|w| Vm {
             state: Mutex::new(state),
@@ -128,6 +131,17 @@ impl Vm {
             _ => {}
         }
         Ok(change)
+    }
+
+    /// Choose two-dimensional paging (as on a host with NPT/EPT and tdp_mmu=N: the
+    /// legacy MMU with direct pages) or the shadow MMU, before any vCPU exists (EBUSY).
+    pub fn set_tdp(&self, tdp: bool) -> Result<()> {
+        let mut st = self.state();
+        if !st.vcpus.is_empty() {
+            return Err(Errno::EBUSY);
+        }
+        st.tdp = tdp;
+        Ok(())
     }
 
     /// The vCPUs, by id.

@@ -32,7 +32,11 @@ impl Rig {
     }
 
     fn with_ring(npages: u64, thp: bool, ring: u64) -> Rig {
-        let mut g = TestGuest::new_with_ring(PagingMode::Long4, 8 << 20, ring).unwrap();
+        Self::build(npages, thp, ring, false)
+    }
+
+    fn build(npages: u64, thp: bool, ring: u64, tdp: bool) -> Rig {
+        let mut g = TestGuest::build(PagingMode::Long4, 8 << 20, ring, tdp).unwrap();
         let host = HostRegion::new(npages * 4096 + (2 << 20)).unwrap();
         if thp {
             host.set_thp(true).unwrap();
@@ -271,4 +275,32 @@ fn dirty_ring_soft_limit_stops_the_vcpu_until_reset() {
         AccessOutcome::Done
     );
     r.g.audit().unwrap();
+}
+
+#[test]
+fn tdp_logs_through_its_direct_tables_too() {
+    for (ring, thp) in [(0, false), (65536, false), (0, true)] {
+        let r = Rig::build(if thp { 512 } else { 64 }, thp, ring, true);
+        r.write(&[0]);
+        r.set_flags(LOG);
+        r.g.audit().unwrap();
+        r.write(&[0, 3, 7]);
+        r.read(&[10]);
+        // With TDP a read fault maps the page writable (the access is ACC_ALL) and
+        // make_spte logs every writable SPTE it creates in a logging slot: page 10
+        // counts as dirty. (The shadow MMU maps clean guest pages read-only.)
+        if ring == 0 {
+            assert_eq!(r.harvest(), vec![0, 3, 7, 10]);
+            r.write(&[3]);
+            r.read(&[10]);
+            assert_eq!(
+                r.harvest(),
+                vec![3],
+                "protected again, so a read no longer logs"
+            );
+        } else {
+            let e = ring_entries(&r, 5);
+            assert_eq!(&e[..4], &[(1, 1, 0), (1, 1, 3), (1, 1, 7), (1, 1, 10)]);
+        }
+    }
 }

@@ -414,3 +414,35 @@ fn non_page_table_instruction_unshadows_the_table_instead_of_emulating() {
     assert_eq!(shadowed(&g), 1);
     g.audit().unwrap();
 }
+
+#[test]
+fn tdp_maps_guest_physical_memory_with_direct_pages() {
+    let mut g = TestGuest::new_tdp(PagingMode::Long4, MEM).unwrap();
+    let cr3 = g.cr3();
+    g.map(cr3, GVA, DATA, 1, P | W | U);
+    g.write_u64(DATA, 77);
+    let mut b = [0u8; 8];
+    ok(g.access(GVA, &mut b, AccessKind::default()).unwrap());
+    assert_eq!(u64::from_le_bytes(b), 77);
+    g.audit().unwrap();
+    {
+        let st = g.vm.state();
+        assert!(
+            st.mmu.iter().all(|(_, sp)| sp.role.direct()),
+            "no shadowed guest tables"
+        );
+        assert_eq!(st.mmu.indirect_shadow_pages(), 0);
+    }
+    // Guest faults go to the guest without KVM; INVLPG and MOV CR3 do not exit.
+    assert_eq!(pf(g.read(GVA + 0x20_0000, false).unwrap()), 0);
+    assert_eq!(vcpu_stat(&g, VcpuStat::PfGuest), 0);
+    g.vcpu.guest_invlpg(GVA).unwrap();
+    assert_eq!(vcpu_stat(&g, VcpuStat::Invlpg), 0);
+    // The guest edits its PTE: seen at once (no shadow to sync).
+    let pte = g.entry_gpa(cr3, GVA, 1);
+    g.write_u64(pte, (DATA + 4096) | P | W | U);
+    g.write_u64(DATA + 4096, 78);
+    ok(g.access(GVA, &mut b, AccessKind::default()).unwrap());
+    assert_eq!(u64::from_le_bytes(b), 78);
+    g.audit().unwrap();
+}

@@ -162,8 +162,8 @@ struct Model {
 }
 
 impl Model {
-    fn build(mode: PagingMode, s: &Setup) -> Model {
-        let mut g = TestGuest::new(mode, MEM).unwrap();
+    fn build(mode: PagingMode, s: &Setup, tdp: bool) -> Model {
+        let mut g = TestGuest::build(mode, MEM, 0, tdp).unwrap();
         let wide = mode != PagingMode::Bits32;
         let cr3 = g.cr3();
         let mut roots = vec![cr3];
@@ -525,7 +525,21 @@ proptest! {
         s in setup(),
         ops in prop::collection::vec(op(), 1..80),
     ) {
-        let mut m = Model::build(mode, &s);
+        let mut m = Model::build(mode, &s, false);
+        for o in &ops {
+            m.step(o)?;
+        }
+    }
+
+    /// The same guests under two-dimensional paging (direct gpa -> hpa tables), with
+    /// the same audit.
+    #[test]
+    fn tdp_mmu_matches_the_walker(
+        mode in mode(),
+        s in setup(),
+        ops in prop::collection::vec(op(), 1..80),
+    ) {
+        let mut m = Model::build(mode, &s, true);
         for o in &ops {
             m.step(o)?;
         }

@@ -77,6 +77,8 @@ pub struct KvmMmu {
     pub req_free_obsolete: bool,
     /// The context must be rebuilt before the next entry (KVM_SET_SREGS and the like).
     pub reset_pending: bool,
+    /// Two-dimensional paging: CR3 writes and INVLPG do not exit to KVM.
+    pub tdp: bool,
     /// The VM's free-obsolete-roots broadcasts and remote flush requests seen so far.
     seen_obsolete: u64,
     seen_flush: u64,
@@ -95,6 +97,7 @@ impl Default for KvmMmu {
             req_flush_current: false,
             req_free_obsolete: false,
             reset_pending: true,
+            tdp: false,
             seen_obsolete: 0,
             seen_flush: 0,
         }
@@ -109,6 +112,9 @@ pub struct MmuEnv<'a> {
     pub stats: &'a StatsFile,
     /// The running vCPU's dirty ring, if the VM logs through rings.
     pub ring: Option<&'a DirtyRing>,
+    /// The VM uses two-dimensional paging (direct gpa -> hpa tables) instead of
+    /// shadowing the guest's tables.
+    pub tdp: bool,
 }
 
 impl<'a> MmuEnv<'a> {
@@ -280,10 +286,16 @@ impl KvmMmu {
             || g.gbpages != ctx.gbpages
     }
 
-    /// kvm_init_mmu for the shadow MMU: roles and the walker from the CPU state.
-    pub fn init(&mut self, ctx: &WalkCtx) {
+    /// kvm_init_mmu: roles and the walker from the CPU state; with TDP the root role
+    /// does not depend on the guest (kvm_calc_tdp_mmu_root_page_role, 4 levels).
+    pub fn init(&mut self, ctx: &WalkCtx, tdp: bool) {
         self.cpu_role = CpuRole::calc(ctx, false);
-        self.root_role = shadow_root_role(&self.cpu_role);
+        self.tdp = tdp;
+        self.root_role = if tdp {
+            super::role::tdp_root_role(PT64_ROOT_4LEVEL, false)
+        } else {
+            shadow_root_role(&self.cpu_role)
+        };
         self.guest = GuestMmu::new(ctx);
     }
 
@@ -295,9 +307,14 @@ impl KvmMmu {
 
     /// kvm_mmu_reset_context: free every root, then rebuild the context.
     pub fn reset_context(&mut self, env: &mut MmuEnv<'_>, ctx: &WalkCtx) {
-        self.free_roots(env.mmu, true, [true; KVM_MMU_NUM_PREV_ROOTS]);
-        self.init(ctx);
+        let old_role = self.root_role;
+        self.init(ctx, env.tdp);
         self.reset_pending = false;
+        // With TDP the root outlives guest paging changes (KVM keeps it when only the
+        // CPU role changed); the shadow MMU unloads every root.
+        if !(env.tdp && old_role == self.root_role && self.root.hpa != RootHpa::Invalid) {
+            self.free_roots(env.mmu, true, [true; KVM_MMU_NUM_PREV_ROOTS]);
+        }
     }
 
     /// kvm_mmu_free_roots for the current root (if `current`) and the chosen previous roots.
@@ -399,6 +416,16 @@ impl KvmMmu {
     pub fn load(&mut self, env: &mut MmuEnv<'_>) -> Result<()> {
         let cr3 = self.guest.ctx.cr3;
         let role = self.root_role;
+        if env.tdp {
+            // mmu_alloc_direct_roots: one root for the whole guest-physical space.
+            env.mmu.make_mmu_pages_available()?;
+            let sp = alloc_root(env.mmu, 0, role);
+            self.root = Root {
+                pgd: 0,
+                hpa: RootHpa::Page(sp),
+            };
+            return Ok(());
+        }
         if role.direct() {
             env.mmu.make_mmu_pages_available()?;
             // Non-paging guests: four PAE roots covering 4 GiB identity-mapped.
@@ -562,6 +589,10 @@ impl KvmMmu {
         pcide: bool,
         noflush: bool,
     ) {
+        if self.tdp {
+            // The guest owns CR3 under NPT/EPT: no exit, no root change.
+            return;
+        }
         if new_cr3 != old_cr3 {
             self.new_pgd(mmu, new_cr3);
         }
@@ -583,6 +614,10 @@ impl KvmMmu {
     /// INVLPG (kvm_mmu_invlpg): for the current and every previous root, walk the
     /// path of `gva` and resync the entry of each unsync page on it.
     pub fn invlpg(&mut self, env: &mut MmuEnv<'_>, gva: u64) {
+        if self.tdp {
+            // Not intercepted with NPT/EPT: the CPU flushes its own TLB.
+            return;
+        }
         env.stat(VcpuStat::Invlpg);
         let la57 = self.cpu_role.cr4_la57;
         if self.cpu_role.efer_lma && !crate::paging::is_canonical(gva, la57) {

@@ -328,7 +328,13 @@ fn direct_page_fault(env: &mut MmuEnv<'_>, ctx: &mut KvmMmu, f: &PageFault) -> R
         return Ok(PfRet::Retry);
     }
     env.mmu.make_mmu_pages_available()?;
-    let goal = hugepage_adjust(env.mmu, env.slots, gfn, 2, &host);
+    // Non-paging guests get PAE tables (2 MiB at most); TDP maps up to 1 GiB.
+    let max = if env.tdp {
+        super::shadow::KVM_MAX_HUGEPAGE_LEVEL
+    } else {
+        2
+    };
+    let goal = hugepage_adjust(env.mmu, env.slots, gfn, max, &host);
     Ok(direct_map(env, ctx, f, gfn, goal, ACC_ALL, &host))
 }
 

@@ -206,14 +206,20 @@ impl Vcpu {
         // KVM's last_retry_eip/last_retry_addr: unprotect-and-retry once per access.
         let mut retried = false;
         for _ in 0..MAX_FAULTS_PER_ACCESS {
-            let VmState { mmu, memslots, .. } = &mut *vmg;
+            let VmState {
+                mmu, memslots, tdp, ..
+            } = &mut *vmg;
             let mut env = MmuEnv {
                 mmu,
                 slots: memslots,
                 stats: &self.stats,
                 ring: self.dirty_ring.as_ref(),
+                tdp: *tdp,
             };
             ctx.enter(&mut env, cpu)?;
+            if env.tdp {
+                return tdp_access(&mut env, ctx, sregs, addr, buf, kind);
+            }
             let error_code = match tlb_lookup(env.mmu, ctx, cpu, addr, kind) {
                 Ok(gpa) => {
                     if data_access(vmg, gpa, buf, kind.write) {
@@ -288,12 +294,15 @@ impl Vcpu {
         let mut st = self.state();
         let cpu = st.walk_ctx();
         let mut vmg = vm.state();
-        let VmState { mmu, memslots, .. } = &mut *vmg;
+        let VmState {
+            mmu, memslots, tdp, ..
+        } = &mut *vmg;
         let mut env = MmuEnv {
             mmu,
             slots: memslots,
             stats: &self.stats,
             ring: self.dirty_ring.as_ref(),
+            tdp: *tdp,
         };
         if st.mmu.reset_pending {
             st.mmu.reset_context(&mut env, &cpu);
@@ -372,6 +381,86 @@ impl Vcpu {
         }
         Ok(Ok(()))
     }
+}
+
+/// A guest access under two-dimensional paging: the CPU walks the guest's tables
+/// itself (setting their A/D bits, faulting straight into the guest without KVM),
+/// and every guest-physical access, table entries included, goes through the TDP
+/// tables, whose misses are KVM's faults (kvm_tdp_page_fault). The hardware TLB is
+/// not modelled here: the guest always sees its current tables, which the
+/// architecture allows.
+fn tdp_access(
+    env: &mut MmuEnv<'_>,
+    ctx: &mut KvmMmu,
+    sregs: &mut crate::uapi::kvm_sregs,
+    addr: u64,
+    buf: &mut [u8],
+    kind: AccessKind,
+) -> Result<AccessOutcome> {
+    let walk = match ctx
+        .guest
+        .walk_no_canonical_check(&env.guest_mem(), addr, kind.access())
+    {
+        Ok(w) => w,
+        Err(e) => {
+            if let WalkError::PageFault { address, .. } = e {
+                sregs.cr2 = address;
+            }
+            return Ok(AccessOutcome::Fault(e));
+        }
+    };
+    let skip = usize::from(ctx.guest.mode == PagingMode::Pae);
+    for &(_, gpa, _) in &walk.gptes[skip..] {
+        if let Some(out) = tdp_translate(env, ctx, gpa, false)? {
+            return Ok(out);
+        }
+    }
+    if let Some(out) = tdp_translate(env, ctx, walk.gpa, kind.write)? {
+        return Ok(out);
+    }
+    // A write through a writable TDP SPTE was logged when the SPTE became writable.
+    let ok = if kind.write {
+        env.slots.write(walk.gpa, buf)
+    } else {
+        env.slots.read(walk.gpa, buf)
+    };
+    Ok(if ok {
+        AccessOutcome::Done
+    } else {
+        AccessOutcome::Mmio { gpa: walk.gpa }
+    })
+}
+
+/// The TDP half of an access to `gpa`: None when the TDP tables allow it (the CPU
+/// sets the leaf's A bit), or how the access ends (MMIO).
+fn tdp_translate(
+    env: &mut MmuEnv<'_>,
+    ctx: &mut KvmMmu,
+    gpa: u64,
+    write: bool,
+) -> Result<Option<AccessOutcome>> {
+    for _ in 0..MAX_FAULTS_PER_ACCESS {
+        let mut ec = if write { crate::paging::PFERR_WRITE } else { 0 };
+        match shadow_leaf(env.mmu, &ctx.root.hpa, ctx.root_level(), gpa) {
+            Some((step, s)) if s.is_shadow_present() => {
+                if !write || s.is_writable() {
+                    env.mmu.mark_accessed(step.sptep());
+                    return Ok(None);
+                }
+                ec |= PFERR_PRESENT;
+            }
+            Some((_, s)) if s.is_mmio() => ec |= PFERR_PRESENT | PFERR_RSVD,
+            _ => {}
+        }
+        match kvm_mmu_page_fault(env, ctx, &PageFault::new(gpa, ec))? {
+            PfRet::Fixed | PfRet::Spurious | PfRet::Retry => continue,
+            // No memory behind it, or a write to a read-only slot: the emulator's MMIO.
+            PfRet::Emulate | PfRet::WriteProtected | PfRet::Guest(_) => {
+                return Ok(Some(AccessOutcome::Mmio { gpa }));
+            }
+        }
+    }
+    Err(Errno::EAGAIN)
 }
 
 /// The registers the guest-op API writes.
