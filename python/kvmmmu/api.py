@@ -17,14 +17,20 @@ from __future__ import annotations
 import ctypes
 import weakref
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
 
 from . import cpuid as _cpuid
+from . import dirty as _dirty
 from . import uapi
 from ._core import GuestMemory
 from .mmu import VcpuMmu, VmMmu, _weak_stats
 from .stats import StatsReader
 from .transport import DevTransport, SimTransport, Transport
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
 
 _S = TypeVar("_S", bound=ctypes.Structure)
 

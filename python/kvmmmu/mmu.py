@@ -572,6 +572,11 @@ class VmMmu:
         """KVM's VM-wide MMU counters by name (the VM's KVM_GET_STATS_FD)."""
         return self._stats()
 
+    @property
+    def mode(self) -> str:
+        """``"shadow"`` (the default, as on the device here) or ``"tdp"``."""
+        return str(self._mmu.mode)
+
     def audit(self) -> None:
         """Check every invariant of the shadow MMU and every vCPU's roots; raises
         :class:`MmuAuditError` (an AssertionError) saying what is wrong."""

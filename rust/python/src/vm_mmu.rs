@@ -12,6 +12,8 @@ use numpy::{PyArray1, PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+use crate::IntoPy;
+
 /// Simulator-only view of a VM's shadow MMU.
 #[pyclass(frozen, module = "kvmmmu._core")]
 pub struct VmMmu {
@@ -165,6 +167,21 @@ impl VmMmu {
     }
 
     /// The full audit (every vCPU's roots included): None, or what is wrong.
+    /// Two-dimensional paging instead of the shadow MMU (before any vCPU: EBUSY).
+    fn set_tdp(&self, on: bool) -> PyResult<()> {
+        self.vm.set_tdp(on).py_err()
+    }
+
+    /// "tdp" or "shadow".
+    #[getter]
+    fn mode(&self) -> &'static str {
+        if self.vm.state().tdp {
+            "tdp"
+        } else {
+            "shadow"
+        }
+    }
+
     fn audit(&self, py: Python<'_>) -> Option<String> {
         py.detach(|| self.vm.audit()).err()
     }
