@@ -572,6 +572,39 @@ class VmMmu:
         """KVM's VM-wide MMU counters by name (the VM's KVM_GET_STATS_FD)."""
         return self._stats()
 
+    # -- host memory events (MMU notifiers), on guest memory the simulator owns --------
+
+    def host_discard(self, hva: int, size: int) -> None:
+        """The host discards [hva, hva + size) (MADV_DONTNEED): KVM zaps the SPTEs
+        over it and the guest then reads zero pages, new frames."""
+        self._mmu.host_discard(hva, size)
+
+    def host_migrate(self, hva: int) -> int:
+        """The host migrates the page at ``hva`` to a new frame (contents kept): its
+        SPTEs are zapped and the next fault maps the new frame, which is returned."""
+        return int(self._mmu.host_migrate(hva))
+
+    def host_write_protect(self, hva: int, size: int) -> None:
+        """The host maps [hva, hva + size) read-only (KSM merging, fork): KVM maps it
+        read-only, and a guest write breaks the COW (a new frame)."""
+        self._mmu.host_write_protect(hva, size)
+
+    def host_age(self, hva: int, size: int, *, clear: bool = True, flush: bool = True) -> bool:
+        """Page aging: whether an SPTE over [hva, hva + size) was accessed;
+        ``clear`` takes the Accessed bits away (clear_young, with a TLB flush if
+        ``flush``: clear_flush_young), otherwise nothing changes (test_young)."""
+        return bool(self._mmu.host_age(hva, size, clear, flush))
+
+    def host_invalidate_start(self, hva: int, size: int) -> None:
+        """invalidate_range_start: zap [hva, hva + size); until
+        :meth:`host_invalidate_end`, a guest access to it raises BlockingIOError
+        (EAGAIN: the vCPU would keep retrying its fault)."""
+        self._mmu.host_invalidate_start(hva, size)
+
+    def host_invalidate_end(self) -> None:
+        """invalidate_range_end (EINVAL without a start)."""
+        self._mmu.host_invalidate_end()
+
     @property
     def mode(self) -> str:
         """``"shadow"`` (the default, as on the device here) or ``"tdp"``."""

@@ -167,6 +167,37 @@ impl VmMmu {
     }
 
     /// The full audit (every vCPU's roots included): None, or what is wrong.
+    /// Host memory events (MMU notifiers) on [hva, hva + size) of guest memory the
+    /// simulator owns: discard (MADV_DONTNEED, new zero frames).
+    fn host_discard(&self, py: Python<'_>, hva: u64, size: u64) -> PyResult<()> {
+        py.detach(|| self.vm.host_discard(hva, size)).py_err()
+    }
+
+    /// Migrate the page at `hva` to a new frame (same contents); returns the frame.
+    fn host_migrate(&self, py: Python<'_>, hva: u64) -> PyResult<u64> {
+        py.detach(|| self.vm.host_migrate(hva)).py_err()
+    }
+
+    /// Map [hva, hva + size) read-only in the host (KSM merge, fork's COW).
+    fn host_write_protect(&self, py: Python<'_>, hva: u64, size: u64) -> PyResult<()> {
+        py.detach(|| self.vm.host_write_protect(hva, size)).py_err()
+    }
+
+    /// clear_flush_young (clear, flush), clear_young (clear) or test_young.
+    fn host_age(&self, py: Python<'_>, hva: u64, size: u64, clear: bool, flush: bool) -> bool {
+        py.detach(|| self.vm.host_age(hva, size, clear, flush))
+    }
+
+    /// invalidate_range_start: zap, and block faults on the range until the end.
+    fn host_invalidate_start(&self, py: Python<'_>, hva: u64, size: u64) {
+        py.detach(|| self.vm.host_invalidate_start(hva, size))
+    }
+
+    /// invalidate_range_end (EINVAL without a start).
+    fn host_invalidate_end(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.vm.host_invalidate_end()).py_err()
+    }
+
     /// Two-dimensional paging instead of the shadow MMU (before any vCPU: EBUSY).
     fn set_tdp(&self, on: bool) -> PyResult<()> {
         self.vm.set_tdp(on).py_err()
