@@ -161,12 +161,18 @@ class _VmResources:
         self.open_fds: set[int] = set()
         self.pins: dict[int, Any] = {}
         self.retired: list[Any] = []
+        #: The vCPUs' dirty rings: harvested through the VM after a vCPU closes,
+        #: unmapped with the last descriptor.
+        self.rings: list[_dirty.DirtyRing] = []
 
     def fd_closed(self, fd: int) -> None:
         self.open_fds.discard(fd)
         if not self.open_fds:
             self.pins.clear()
             self.retired.clear()
+            for ring in self.rings:
+                ring.close()
+            self.rings.clear()
 
 
 class Vm(_VmOrVcpu):
@@ -181,6 +187,7 @@ class Vm(_VmOrVcpu):
         self.slots: dict[int, uapi.kvm_userspace_memory_region] = {}
         self._stats: _Stats | None = None
         self._mmu: VmMmu | None = None
+        self._dirty = _dirty.VmDirtyState()
 
     def check_extension(self, cap: int) -> int:
         return int(self.ioctl(uapi.KVM_CHECK_EXTENSION, cap))
@@ -242,19 +249,33 @@ class Vm(_VmOrVcpu):
     def _slot_changed(self, slot: int, region: uapi.kvm_userspace_memory_region, pin: Any) -> None:
         if region.memory_size == 0:
             self.slots.pop(slot, None)
+            self._dirty.forget(slot)
             old = self._res.pins.pop(slot, None)
             if old is not None:
                 # The kernel may still be using it from a running vCPU until
                 # every descriptor is closed; keep it until then.
                 self._res.retired.append(old)
             return
+        old = self.slots.get(slot)
+        if (
+            old is not None
+            and old.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES
+            and not (region.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES)
+        ):
+            self._dirty.forget(slot)
         self.slots[slot] = region
         if pin is not None and slot not in self._res.pins:
             self._res.pins[slot] = pin
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         fd = int(self.ioctl(uapi.KVM_CREATE_VCPU, vcpu_id))
-        return Vcpu(self, fd, vcpu_id)
+        vcpu = Vcpu(self, fd, vcpu_id)
+        size = self._dirty.ring_size
+        if size:
+            area = self.transport.mmap(fd, size, offset=_dirty.RING_OFFSET)
+            vcpu.dirty_ring = self._dirty.rings[vcpu_id] = _dirty.DirtyRing(area, size)
+            self._res.rings.append(vcpu.dirty_ring)
+        return vcpu
 
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP: before any vCPU (EINVAL after), once (EEXIST)."""
@@ -275,6 +296,114 @@ class Vm(_VmOrVcpu):
     def get_nr_mmu_pages(self) -> int:
         """KVM_GET_NR_MMU_PAGES. Today's kernels removed it: ENOTTY on both backends."""
         return int(self.ioctl(uapi.KVM_GET_NR_MMU_PAGES, 0))
+
+    # -- dirty logging (docs/api.md, "Dirty logging"; kvmmmu.dirty) ----------------
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP (api.txt 4.36): ``flags`` must be 0. The VM caps: the
+        exception-payload and triple-fault events, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
+        and KVM_CAP_DIRTY_LOG_RING(_ACQ_REL), whose use this object remembers for
+        :meth:`harvest_dirty` and for mapping each new vCPU's ring."""
+        super().enable_cap(cap, *args, flags=flags)
+        self._dirty.cap_enabled(cap, args)
+
+    def enable_manual_dirty_log(self, initially_set: bool = False) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): GET_DIRTY_LOG returns the
+        live bitmap without clearing it, and CLEAR_DIRTY_LOG re-protects; with
+        ``initially_set``, a slot starts with every page dirty and nothing is
+        write-protected when logging is turned on."""
+        arg = uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+        if initially_set:
+            arg |= uapi.KVM_DIRTY_LOG_INITIALLY_SET
+        self.enable_cap(uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, arg)
+
+    def enable_dirty_ring(self, size: int, acq_rel: bool = False) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING or _ACQ_REL): each vCPU gets a ring of
+        ``size`` bytes (a power of two, 4096 to 1 MiB: EINVAL / E2BIG otherwise),
+        before any vCPU exists (EINVAL after), once. GET/CLEAR_DIRTY_LOG are then
+        ENXIO. Every vCPU created afterwards maps its ring as ``vcpu.dirty_ring``."""
+        cap = uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL if acq_rel else uapi.KVM_CAP_DIRTY_LOG_RING
+        self.enable_cap(cap, size)
+
+    @property
+    def dirty_mode(self) -> str:
+        """How KVM logs for this VM, as enabled through this object: "bitmap"
+        (GET_DIRTY_LOG fetch-and-clear), "manual" (GET + CLEAR_DIRTY_LOG) or "ring"."""
+        return self._dirty.mode
+
+    def _npages(self, slot: int) -> int:
+        region = self.slots.get(slot)
+        return 0 if region is None else int(region.memory_size) // _dirty.PAGE_SIZE
+
+    def get_dirty_log(self, slot: int, *, npages: int | None = None) -> NDArray[np.uint64]:
+        """KVM_GET_DIRTY_LOG: the slot's bitmap as ceil(npages/64) uint64 words (bit i =
+        page i of the slot; :func:`kvmmmu.dirty.pages` lists them). Without manual
+        protect the kernel takes the bits (fetch-and-clear) and re-protects those
+        pages; with it, this is the live bitmap and nothing changes. ENOENT for a slot
+        without logging (or none), EINVAL for a bad slot id, ENXIO in ring mode.
+        ``npages`` defaults to the size set through this object."""
+        if npages is None:
+            npages = self._npages(slot)
+        out = np.zeros(_dirty.nwords(npages), dtype=np.uint64)
+        addr = out.ctypes.data if out.size else 0
+        self.ioctl(uapi.KVM_GET_DIRTY_LOG, uapi.kvm_dirty_log(slot=slot, dirty_bitmap=addr))
+        return out
+
+    def clear_dirty_log(
+        self,
+        slot: int,
+        first_page: int = 0,
+        num_pages: int | None = None,
+        bitmap: ArrayLike | None = None,
+    ) -> None:
+        """KVM_CLEAR_DIRTY_LOG: clear the pages ``first_page + i`` whose bit ``i`` is set
+        in ``bitmap`` (uint64 words; default all ones) and dirty in KVM's log, and
+        re-protect them. ``num_pages`` defaults to the rest of the slot. The kernel's
+        rules: ``first_page`` a multiple of 64, ``num_pages`` too unless the range
+        reaches the end of the slot, the range inside the slot (else EINVAL)."""
+        if num_pages is None:
+            num_pages = max(self._npages(slot) - first_page, 0)
+        if not 0 <= num_pages <= 0xFFFF_FFFF:
+            raise ValueError(f"num_pages {num_pages} does not fit the u32 field")
+        n = _dirty.nwords(num_pages)
+        if bitmap is None:
+            words = np.full(n, np.iinfo(np.uint64).max, dtype=np.uint64)
+        else:
+            words = np.ascontiguousarray(bitmap, dtype=np.uint64).reshape(-1)
+            if words.size < n:
+                raise ValueError(f"{num_pages} pages need {n} bitmap words, not {words.size}")
+        addr = words.ctypes.data if words.size else 0
+        log = uapi.kvm_clear_dirty_log(
+            slot=slot, num_pages=num_pages, first_page=first_page, dirty_bitmap=addr
+        )
+        self.ioctl(uapi.KVM_CLEAR_DIRTY_LOG, log)
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: give back every ring entry marked RESET (by
+        ``vcpu.dirty_ring.harvest()``) and re-protect their pages; the number reset.
+        EINVAL without a ring."""
+        return int(self.ioctl(uapi.KVM_RESET_DIRTY_RINGS, 0))
+
+    def write_guest(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """A write by the VMM (a device model, a loader) into guest memory through its
+        own mapping of the slots, which KVM does not log, recorded in the VMM's dirty
+        log for :meth:`harvest_dirty` *after* the bytes are in memory (so a harvest
+        that sees the mark copies the new bytes). EFAULT where no slot is."""
+        _dirty.write_guest(self, gpa, data)
+
+    def read_guest(self, gpa: int, length: int) -> bytes:
+        """Read guest memory through the VMM's mapping of the slots (EFAULT where no
+        slot is)."""
+        return _dirty.read_guest(self, gpa, length)
+
+    def harvest_dirty(self, slot: int) -> NDArray[np.uint64]:
+        """The pages of ``slot`` written since the last harvest, sorted, slot-relative:
+        KVM's log in this VM's mode (fetch-and-clear GET_DIRTY_LOG; GET then CLEAR of
+        exactly what GET returned; or every vCPU ring harvested then
+        KVM_RESET_DIRTY_RINGS, entries of other slots kept for their harvest) united
+        with the pages written by :meth:`write_guest`. Read the pages' contents after
+        it returns. See :func:`kvmmmu.dirty.harvest` for why nothing is lost."""
+        return _dirty.harvest(self, slot)
 
     @property
     def mmu(self) -> VmMmu:
@@ -306,6 +435,10 @@ class Vcpu(_VmOrVcpu):
         self._fd = _Fd(self, self.transport, fd, _VcpuCloser(self._mmap, res))
         self._stats: _Stats | None = None
         self._mmu: VcpuMmu | None = None
+        #: The vCPU's dirty ring (a :class:`kvmmmu.dirty.DirtyRing`) when the VM enabled
+        #: one through ``vm.enable_dirty_ring``; None otherwise. It stays mapped, and
+        #: harvested by ``vm.harvest_dirty``, after the vCPU is closed.
+        self.dirty_ring: _dirty.DirtyRing | None = None
 
     def close(self) -> None:
         if not self._fd.closed:
