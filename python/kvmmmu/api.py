@@ -145,9 +145,18 @@ class Kvm(_Closable):
         """KVM_GET_SUPPORTED_CPUID: the CPUID entries the KVM can give a guest."""
         return _cpuid.get_supported_cpuid(self.transport, self.fd, nent)
 
-    def create_vm(self, vm_type: int = 0) -> Vm:
+    def create_vm(self, vm_type: int = 0, *, mmu: str = "shadow") -> Vm:
+        """KVM_CREATE_VM. ``mmu="tdp"`` (simulator only) models a host with two-
+        dimensional paging (NPT/EPT) instead of the shadow MMU the device here runs."""
+        if mmu not in ("shadow", "tdp"):
+            raise ValueError(f"mmu must be 'shadow' or 'tdp', not {mmu!r}")
+        if mmu == "tdp" and not isinstance(self.transport, SimTransport):
+            raise NotImplementedError("mmu='tdp' is simulator-only: the device here shadows")
         fd = int(self.ioctl(uapi.KVM_CREATE_VM, vm_type))
-        return Vm(self, fd)
+        vm = Vm(self, fd)
+        if mmu == "tdp":
+            vm.mmu._mmu.set_tdp(True)
+        return vm
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd.fd}"
