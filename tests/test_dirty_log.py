@@ -299,13 +299,9 @@ def test_dirty_ring_sizes(kvm: kvmmmu.Kvm, acq_rel: bool) -> None:
         vm.close()
 
 
-def test_dirty_ring_size_is_a_u32(kvm: kvmmmu.Kvm, request: pytest.FixtureRequest) -> None:
+def test_dirty_ring_size_is_a_u32(kvm: kvmmmu.Kvm) -> None:
     """kvm_vm_ioctl_enable_dirty_log_ring takes the size as a u32: args[0] is truncated,
     so 2**40 is a size of 0 (EINVAL) and 2**32 + 4096 a size of 4096 (accepted)."""
-    if kvm.backend == "sim":
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="core: enable_cap checks args[0] as a u64")
-        )
     with raises_errno(errno.EINVAL):
         kvm.create_vm().enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING, 1 << 40)
     kvm.create_vm().enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING, (1 << 32) + 4096)
@@ -370,18 +366,10 @@ def test_ring_after_a_vcpu_and_other_caps_keep_ring_off(kvm: kvmmmu.Kvm) -> None
 
 
 @pytest.mark.parametrize("mode", ["bitmap", "ring"])
-def test_translate_a_bit_updates_are_logged(
-    kvm: kvmmmu.Kvm, mode: str, request: pytest.FixtureRequest
-) -> None:
+def test_translate_a_bit_updates_are_logged(kvm: kvmmmu.Kvm, mode: str) -> None:
     """KVM_TRANSLATE walks the guest's tables and sets their A bits: KVM writes, logged
     in the bitmap or pushed to the vCPU's ring (the vCPU ioctl runs with the vCPU
     loaded). The tables (gfns 256..259) are in the logged slot 0."""
-    if mode == "ring" and kvm.backend == "sim":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True, reason="core: Vcpu::with_guest_mem logs to the bitmap only"
-            )
-        )
     vm = kvm.create_vm()
     if mode == "ring":
         vm.enable_dirty_ring(4096)

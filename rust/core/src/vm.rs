@@ -185,8 +185,9 @@ impl Vm {
             u64::from(cap.cap),
             uapi::cap::DIRTY_LOG_RING | uapi::cap::DIRTY_LOG_RING_ACQ_REL
         ) {
-            // kvm_vm_ioctl_enable_dirty_log_ring (generic: flags are not checked).
-            let size = cap.args[0];
+            // kvm_vm_ioctl_enable_dirty_log_ring (generic: flags are not checked). The
+            // kernel takes the size as a u32: the upper half of args[0] is dropped.
+            let size = u64::from(cap.args[0] as u32);
             crate::dirty_ring::check_size(size)?;
             if st.dirty_ring_size != 0 || !st.vcpus.is_empty() {
                 return Err(Errno::EINVAL);

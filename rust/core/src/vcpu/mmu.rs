@@ -3,6 +3,7 @@
 
 use crate::errno::{Errno, Result};
 use crate::memslot::MemSlots;
+use crate::mmu::context::LoggedMem;
 use crate::paging::{self, rsvd::pdpte_valid, Access, GuestMem, Walk, WalkCtx, WalkError};
 use crate::uaccess::{read_struct, write_struct, UserAccess};
 use crate::uapi::{self, kvm_translation};
@@ -54,6 +55,17 @@ impl Vcpu {
         Ok(f(&st.memslots))
     }
 
+    /// Run `f` with guest memory whose writes by KVM (the walker's A/D bits) are
+    /// logged for this vCPU: to its dirty ring in ring mode, else to the bitmaps.
+    pub fn with_logged_mem<T>(&self, f: impl FnOnce(&LoggedMem<'_>) -> T) -> Result<T> {
+        let vm = self.vm().ok_or(Errno::EIO)?;
+        let st = vm.state();
+        Ok(f(&LoggedMem {
+            slots: &st.memslots,
+            ring: self.dirty_ring.as_ref(),
+        }))
+    }
+
     /// After SET_SREGS into PAE paging, the kernel loads the PDPTEs from CR3 (and
     /// ignores a failed load, keeping the old registers).
     pub(crate) fn reload_pdptrs_if_pae(&self, st: &mut VcpuState) {
@@ -76,7 +88,7 @@ impl Vcpu {
     /// A guest access through the vCPU's current paging state (simulator only).
     pub fn walk(&self, gva: u64, access: Access) -> Result<std::result::Result<Walk, WalkError>> {
         let ctx = self.state().walk_ctx();
-        self.with_guest_mem(|m| paging::walk(&ctx, m, gva, access))
+        self.with_logged_mem(|m| paging::walk(&ctx, m, gva, access))
     }
 
     /// Many walks under one lock: for each gva, the gpa (u64::MAX on a fault), the
@@ -90,7 +102,7 @@ impl Vcpu {
         error_codes: &mut [u32],
     ) -> Result<()> {
         let mmu = paging::GuestMmu::new(&self.state().walk_ctx());
-        self.with_guest_mem(|m| {
+        self.with_logged_mem(|m| {
             for (i, &gva) in gvas.iter().enumerate() {
                 match mmu.walk(m, gva, access) {
                     Ok(w) => {
@@ -112,7 +124,7 @@ impl Vcpu {
     /// bits on the way, as the kernel's does), always reporting writeable=1, usermode=0.
     pub fn translate(&self, gva: u64) -> Result<kvm_translation> {
         let mmu = paging::GuestMmu::new(&self.state().walk_ctx());
-        let r = self.with_guest_mem(|m| mmu.walk_no_canonical_check(m, gva, Access::READ))?;
+        let r = self.with_logged_mem(|m| mmu.walk_no_canonical_check(m, gva, Access::READ))?;
         Ok(kvm_translation {
             linear_address: gva,
             physical_address: r.map_or(u64::MAX, |w| w.gpa),
