@@ -251,6 +251,8 @@ impl Vcpu {
                     continue;
                 }
                 PfRet::Emulate | PfRet::WriteProtected => {
+                    // x86_emulate_instruction.
+                    self.stats.add(crate::stats::VcpuStat::InsnEmulation as usize, 1);
                     return Ok(emulate_access(
                         vmg,
                         self.dirty_ring.as_ref(),
