@@ -3,10 +3,11 @@
 //!
 //! Each input is decoded (with `arbitrary`) into a paging mode (none, 32-bit, PAE,
 //! 4- or 5-level), the guest's initial page tables (built host-side before the guest
-//! runs: three address spaces, data mappings at chosen gvas with chosen levels,
-//! flags and targets, entries shared between address spaces, and an alias that maps
-//! the 2 MiB table area supervisor-writable at ALIAS_GVA, shared by all address
-//! spaces) and up to 256 operations:
+//! runs: three address spaces; data mappings at chosen gvas with chosen levels,
+//! flags and targets, some repeated up to 64 times at a 4 KiB to 512 GiB stride;
+//! entries shared between address spaces; and an alias that maps the 2 MiB table
+//! area supervisor-writable at ALIAS_GVA, shared by all address spaces) and up to
+//! 256 operations:
 //!
 //! - page-table writes made by the guest through the alias (a native store, so they
 //!   meet the MMU: write protection and emulation, unsync pages, write flooding):
@@ -14,30 +15,42 @@
 //!   offset of the table area, with a new leaf, a new table, flipped flag bits, a
 //!   copy of another entry, zero or raw bits;
 //! - guest reads, writes and fetches of 1 to 16 bytes at CPL0 or CPL3 (or implicit
-//!   supervisor accesses) at the mapped gvas, the alias, and some unmapped ones;
-//! - INVLPG, a guest TLB flush, MOV CR3 among the roots and to bad values, CR0.WP,
-//!   CR4.PSE/SMEP/SMAP/PGE, EFER.NX and EFLAGS.AC toggles;
+//!   supervisor accesses) at the mapped gvas, the alias, some unmapped ones and
+//!   raw gvas, and sweeps over a repeated mapping;
+//! - INVLPG, a guest TLB flush, MOV CR3 among the roots and to bad values (no
+//!   memslot, a data page, the next 32 bytes), CR0.WP, CR4.PSE/SMEP/SMAP/PGE,
+//!   EFER.NX and EFLAGS.AC toggles;
 //! - a second memslot (fresh host memory, read-only and dirty-logged variants)
-//!   created, moved and deleted; slot 0 deleted and re-created (also read-only);
-//!   KVM_SET_NR_MMU_PAGES between 64 and 200 (reclaim); THP on and off.
+//!   created, moved and deleted; slot 0 deleted and re-created (also read-only or
+//!   dirty-logged); KVM_SET_NR_MMU_PAGES between 64 and 200 (reclaim); THP on and
+//!   off for either region.
 //!
 //! After every operation `Vm::audit` must pass. Every access that stays within one
-//! page is also checked against a walk of the guest's tables done just before it
+//! page is also checked against a walk of the guest's tables made just before it
 //! (the walker on the same memslots, with A/D updates suppressed):
-//! - the model faults iff that walk faults, with the same fault;
-//! - while the guest's TLB is known to be coherent for the gva (no guest write since
-//!   the last flush that KVM makes complete: MOV CR3, a role change, a TLB flush,
-//!   a memslot delete or move; or INVLPG of that page), a completed read returns the
-//!   bytes in guest memory at the walk's gpa, a completed write put its bytes there,
-//!   and an MMIO exit names that gpa. Between a guest write and the next flush the
-//!   model may use a stale translation (the SPTEs are the TLB), so only the fault
-//!   rule applies.
+//! - the model faults iff that walk faults, with the same fault, unless the walk
+//!   faults and the guest's TLB may be stale (below), when the access may complete;
+//! - while the guest's TLB is known to be coherent for the gva, a completed read
+//!   returns the bytes in guest memory at the walk's gpa, a completed write put its
+//!   bytes there, and an MMIO exit names that gpa. Coherent means: no guest write
+//!   since the last event after which KVM's SPTEs match the guest's tables (MOV CR3,
+//!   a guest TLB flush, CR0.WP or CR4.SMEP/SMAP/PGE changes, a memslot delete or
+//!   move), or an INVLPG of that page since the last write; and no change of
+//!   EFER.NX or CR4.PSE since the last zap of everything (a memslot delete or move):
+//!   those change how gptes read without changing the shadow-page role, so KVM keeps
+//!   SPTEs made under the old rule, even across MOV CR3. Between a guest write and
+//!   the next such event the SPTEs are a TLB that may hold old translations.
 //!
 //! Data pages are filled with distinct even 32-bit words (not-present as gptes), so a
 //! read from a wrong gpa shows. Livelock (`EAGAIN` from 32 faults in one access) is
-//! only accepted with KVM's dummy root (CR3 outside every memslot).
+//! only accepted with KVM's dummy root (CR3 outside every memslot); no dirty ring is
+//! enabled, so `DirtyRingFull` is a failure.
 //!
-//! `MMU_FUZZ_VERBOSE=1` prints the decoded input and each step's outcome.
+//! `MMU_FUZZ_VERBOSE=1` prints the decoded input, each step and the VM and vCPU
+//! counters at the end. `MMU_FUZZ_KNOWN` (`|`-separated) lets a run go past bugs
+//! already reported: any substring of a failure message skips that failure, and
+//! `pae-pdptr` (PAE roots kept when MOV CR0/CR3/CR4 reloads other PDPTEs) and
+//! `pse-audit` (the audit reads PS in 32-bit PDEs with CR4.PSE=0) avoid those two.
 
 #![no_main]
 
