@@ -446,3 +446,17 @@ fn tdp_maps_guest_physical_memory_with_direct_pages() {
     assert_eq!(u64::from_le_bytes(b), 78);
     g.audit().unwrap();
 }
+
+#[test]
+fn pae_pdpte_reload_with_new_values_rebuilds_the_root() {
+    let (g, cr3) = guest(PagingMode::Pae, 1);
+    ok(g.read(GVA, true).unwrap());
+    // The guest clears PDPTE[1] (which maps GVA) in memory, then reloads CR3 with
+    // the same value: the PDPTE registers change, and the old PAE root must go.
+    guest_set_gpte(&g, cr3 + 8, 0);
+    ok(g.read(GVA, true).unwrap());
+    g.mov_cr3(cr3).unwrap();
+    g.audit().unwrap();
+    assert_eq!(pf(g.read(GVA, true).unwrap()), 0x4);
+    g.audit().unwrap();
+}

@@ -257,7 +257,13 @@ fn check_against_gpte(
         }
     };
     let level = sp.role.level();
-    let big = level > 1 && gpte & PT_PAGE_SIZE != 0;
+    let mut big = level > 1 && gpte & PT_PAGE_SIZE != 0;
+    // In 32-bit paging PDE.PS means a 4 MiB page only with CR4.PSE, which the page
+    // role does not carry (KVM shares the page either way): the shadow structure
+    // tells which reading built this SPTE.
+    if big && !wide && !s.is_leaf(level) && !mmu.get(s.child_index()).role.direct() {
+        big = false;
+    }
     if s.is_leaf(level) || (big && s.is_shadow_present()) {
         if level > 1 && !big {
             return Err(format!(
@@ -296,7 +302,9 @@ fn check_against_gpte(
                 "maps gfn {gfn:#x} but the gpte {gpte:#x} says {guest_gfn:#x}"
             ));
         }
-        if gpte & PT_ACCESSED == 0 {
+        // The walker cannot set A in a read-only slot (KVM skips entries that are not
+        // pte_writable), so there the page is mapped with A still clear.
+        if gpte & PT_ACCESSED == 0 && !slots.lookup(gpa >> 12).is_some_and(|s| s.readonly()) {
             return Err(format!("mapped although gpte {gpte:#x} has A=0"));
         }
         if s.is_leaf(level) {

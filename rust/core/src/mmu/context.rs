@@ -67,6 +67,9 @@ pub struct KvmMmu {
     pub guest: GuestMmu,
     pub root: Root,
     pub prev_roots: [Root; KVM_MMU_NUM_PREV_ROOTS],
+    /// The PDPTEs a PAE root was built from (load_pdptrs frees the root when the
+    /// registers change).
+    pub root_pdptrs: [u64; 4],
     /// KVM_REQ_MMU_SYNC.
     pub req_sync: bool,
     /// KVM_REQ_TLB_FLUSH_GUEST.
@@ -92,6 +95,7 @@ impl Default for KvmMmu {
             guest: GuestMmu::new(&WalkCtx::default()),
             root: Root::INVALID,
             prev_roots: [Root::INVALID; KVM_MMU_NUM_PREV_ROOTS],
+            root_pdptrs: [0; 4],
             req_sync: false,
             req_flush_guest: false,
             req_flush_current: false,
@@ -336,6 +340,15 @@ impl KvmMmu {
         mmu.commit_zap(&mut invalid_list);
     }
 
+    /// A PAE guest's root no longer matches its PDPTE registers.
+    #[inline]
+    pub fn pdptrs_changed(&self, ctx: &WalkCtx) -> bool {
+        matches!(self.root.hpa, RootHpa::Pae(_))
+            && !self.root_role.direct()
+            && self.cpu_role.base.level() == 3
+            && ctx.pdptrs != self.root_pdptrs
+    }
+
     /// The requests a vCPU services before entering the guest (vcpu_enter_guest), then
     /// kvm_mmu_reload. `ctx` is the CPU state now.
     pub fn enter(&mut self, env: &mut MmuEnv<'_>, ctx: &WalkCtx) -> Result<()> {
@@ -350,12 +363,17 @@ impl KvmMmu {
             && env.mmu.stats().get(VmStat::RemoteTlbFlushRequests as usize) == self.seen_flush
             && !self.roles_stale(ctx)
             && (self.root_role.direct() || self.root.pgd == ctx.cr3)
+            && !self.pdptrs_changed(ctx)
         {
             self.refresh(ctx);
             return Ok(());
         }
         if self.reset_pending || self.roles_stale(ctx) {
             self.reset_context(env, ctx);
+        }
+        if self.pdptrs_changed(ctx) {
+            // load_pdptrs: new PDPTE values free the current (PAE) root.
+            self.free_roots(env.mmu, true, [false; KVM_MMU_NUM_PREV_ROOTS]);
         }
         self.refresh(ctx);
         if !self.root_role.direct() && self.root.hpa != RootHpa::Invalid && self.root.pgd != ctx.cr3
@@ -476,6 +494,7 @@ impl KvmMmu {
                 pgd: cr3,
                 hpa: RootHpa::Pae(pae),
             };
+            self.root_pdptrs = self.guest.ctx.pdptrs;
         }
         self.sync_roots(env);
         Ok(())

@@ -252,7 +252,8 @@ impl Vcpu {
                 }
                 PfRet::Emulate | PfRet::WriteProtected => {
                     // x86_emulate_instruction.
-                    self.stats.add(crate::stats::VcpuStat::InsnEmulation as usize, 1);
+                    self.stats
+                        .add(crate::stats::VcpuStat::InsnEmulation as usize, 1);
                     return Ok(emulate_access(
                         vmg,
                         self.dirty_ring.as_ref(),
@@ -308,6 +309,10 @@ impl Vcpu {
         };
         if st.mmu.reset_pending {
             st.mmu.reset_context(&mut env, &cpu);
+        }
+        if st.mmu.pdptrs_changed(&cpu) {
+            // load_pdptrs (MOV CR0/CR3/CR4 in PAE paging): new values free the root.
+            st.mmu.free_roots(env.mmu, true, [false; 3]);
         }
         st.mmu.refresh(&cpu);
         f(&mut st.mmu, &mut env, &cpu)
