@@ -203,21 +203,22 @@ pub const INITIALLY_SET: u64 = 2;
 /// Bytes written per copy when a bitmap goes out to user memory.
 const COPY_BLOCK_WORDS: usize = 32 * 1024;
 
-/// Write `nwords` bitmap words to user memory at `addr`, taking them from `word`
-/// (called in increasing order); zero runs cost a memset, not a lookup per word.
+/// Write `nwords` bitmap words to user memory at `addr`, taking them from `fill`
+/// (called in increasing order) through one reused block buffer.
 fn copy_bitmap_out(
     ua: &mut dyn crate::uaccess::UserAccess,
     addr: u64,
     nwords: u64,
     mut fill: impl FnMut(u64, &mut [u64]),
 ) -> crate::errno::Result<()> {
+    use zerocopy::IntoBytes;
     let mut buf = vec![0u64; (nwords as usize).min(COPY_BLOCK_WORDS)];
     let mut w = 0u64;
     while w < nwords {
         let n = ((nwords - w) as usize).min(buf.len());
         fill(w, &mut buf[..n]);
-        let bytes: Vec<u8> = buf[..n].iter().flat_map(|v| v.to_le_bytes()).collect();
-        ua.copy_to_user(addr + 8 * w, &bytes)?;
+        // x86 is little-endian: the words' bytes are the kernel's bitmap layout.
+        ua.copy_to_user(addr + 8 * w, buf[..n].as_bytes())?;
         w += n as u64;
     }
     Ok(())
@@ -331,23 +332,31 @@ impl crate::vm::Vm {
         {
             return Err(Errno::EINVAL);
         }
-        let nwords = num.div_ceil(64) as usize;
-        let mut raw = vec![0u8; nwords * 8];
-        ua.copy_from_user(log.dirty_bitmap, &mut raw)?;
+        let nwords = num.div_ceil(64);
         let init_set = st.caps.manual_dirty_log & INITIALLY_SET != 0;
         let mut flush = false;
-        for (k, chunk) in raw.chunks_exact(8).enumerate() {
-            let mask = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-            if mask == 0 {
-                continue;
+        // The user's bitmap, in blocks through one buffer (it may span 32 MiB). KVM
+        // copies it whole first; here a bad pointer past the first block (a slot over
+        // 8 GiB) leaves the earlier blocks cleared before EFAULT.
+        let mut buf = vec![0u64; (nwords as usize).min(COPY_BLOCK_WORDS)];
+        let mut done = 0u64;
+        while done < nwords {
+            use zerocopy::IntoBytes;
+            let n = ((nwords - done) as usize).min(buf.len());
+            ua.copy_from_user(log.dirty_bitmap + 8 * done, buf[..n].as_mut_bytes())?;
+            for (k, &mask) in buf[..n].iter().enumerate() {
+                if mask == 0 {
+                    continue;
+                }
+                let w = log.first_page / 64 + done + k as u64;
+                let cleared = bitmap.clear_word(w, mask);
+                if cleared != 0 {
+                    flush = true;
+                    st.mmu
+                        .reprotect_masked(slot.base_gfn + 64 * w, cleared, init_set);
+                }
             }
-            let w = log.first_page / 64 + k as u64;
-            let cleared = bitmap.clear_word(w, mask);
-            if cleared != 0 {
-                flush = true;
-                st.mmu
-                    .reprotect_masked(slot.base_gfn + 64 * w, cleared, init_set);
-            }
+            done += n as u64;
         }
         if flush {
             st.mmu.flush_remote_tlbs();
