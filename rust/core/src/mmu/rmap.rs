@@ -89,6 +89,8 @@ struct Chunk<T> {
     vals: [T; CHUNK_LEN],
     /// Non-default entries, so an emptied chunk can be freed without a scan.
     used: u16,
+    /// Which entries are non-default, so iteration costs what is set.
+    occupied: [u64; CHUNK_LEN / 64],
 }
 
 struct Dir<T> {
@@ -158,6 +160,7 @@ impl<T: Copy + Default + PartialEq> GfnArray<T> {
             Box::new(Chunk {
                 vals: [T::default(); CHUNK_LEN],
                 used: 0,
+                occupied: [0; CHUNK_LEN / 64],
             })
         });
         let v = &mut chunk.vals[c];
@@ -165,8 +168,14 @@ impl<T: Copy + Default + PartialEq> GfnArray<T> {
         let r = f(v);
         let is = *v != T::default();
         match (was, is) {
-            (false, true) => chunk.used += 1,
-            (true, false) => chunk.used -= 1,
+            (false, true) => {
+                chunk.used += 1;
+                chunk.occupied[c / 64] |= 1 << (c % 64);
+            }
+            (true, false) => {
+                chunk.used -= 1;
+                chunk.occupied[c / 64] &= !(1 << (c % 64));
+            }
             _ => {}
         }
         if chunk.used == 0 {
@@ -200,11 +209,19 @@ impl<T: Copy + Default + PartialEq> GfnArray<T> {
             })
             .flat_map(|(first, chunk)| {
                 chunk
-                    .vals
+                    .occupied
                     .iter()
                     .enumerate()
-                    .filter(|(_, v)| **v != T::default())
-                    .map(move |(c, v)| ((first | c) as u64, *v))
+                    .flat_map(move |(w, &bits)| {
+                        let mut bits = bits;
+                        std::iter::from_fn(move || {
+                            (bits != 0).then(|| {
+                                let c = w * 64 + bits.trailing_zeros() as usize;
+                                bits &= bits - 1;
+                                ((first | c) as u64, chunk.vals[c])
+                            })
+                        })
+                    })
             })
     }
 
