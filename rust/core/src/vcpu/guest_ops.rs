@@ -146,10 +146,39 @@ impl Vcpu {
         page_table_writing: bool,
     ) -> Result<AccessOutcome> {
         let vm = self.vm().ok_or(Errno::EIO)?;
+        let mut st = self.state();
+        let mut vmg = vm.state();
+        self.access_locked(&mut st, &mut vmg, gva, buf, kind, page_table_writing)
+    }
+
+    /// Run `f` with the vCPU and its VM locked once for many guest accesses (a trace
+    /// replay, a benchmark): what each access does is the same as
+    /// [`Vcpu::guest_access`], without taking the locks per access (as a vCPU inside
+    /// KVM_RUN does not).
+    pub fn access_session<T>(&self, f: impl FnOnce(&mut AccessSession<'_>) -> T) -> Result<T> {
+        let vm = self.vm().ok_or(Errno::EIO)?;
+        let st = self.state();
+        let vmg = vm.state();
+        let mut session = AccessSession {
+            vcpu: self,
+            st,
+            vmg,
+        };
+        Ok(f(&mut session))
+    }
+
+    fn access_locked(
+        &self,
+        st: &mut VcpuState,
+        vmg: &mut VmState,
+        gva: u64,
+        buf: &mut [u8],
+        kind: AccessKind,
+        page_table_writing: bool,
+    ) -> Result<AccessOutcome> {
         if self.dirty_ring.as_ref().is_some_and(|r| r.soft_full()) {
             return Ok(AccessOutcome::DirtyRingFull);
         }
-        let mut st = self.state();
         let cpu = st.walk_ctx();
         let mode = cpu.mode();
         let gva = if mode.is_long() {
@@ -162,7 +191,6 @@ impl Vcpu {
         } else {
             gva & 0xffff_ffff
         };
-        let mut vmg = vm.state();
         let mut done = 0usize;
         while done < buf.len() {
             let addr = gva.wrapping_add(done as u64);
@@ -173,15 +201,7 @@ impl Vcpu {
             };
             let n = (buf.len() - done).min(4096 - (addr & 0xfff) as usize);
             let chunk = &mut buf[done..done + n];
-            match self.access_page(
-                &mut st,
-                &mut vmg,
-                &cpu,
-                addr,
-                chunk,
-                kind,
-                page_table_writing,
-            )? {
+            match self.access_page(st, vmg, &cpu, addr, chunk, kind, page_table_writing)? {
                 AccessOutcome::Done => done += n,
                 other => return Ok(other),
             }
@@ -468,6 +488,21 @@ fn tdp_translate(
         }
     }
     Err(Errno::EAGAIN)
+}
+
+/// The vCPU and its VM, locked for a run of accesses ([`Vcpu::access_session`]).
+pub struct AccessSession<'a> {
+    vcpu: &'a Vcpu,
+    st: std::sync::MutexGuard<'a, VcpuState>,
+    vmg: std::sync::MutexGuard<'a, VmState>,
+}
+
+impl AccessSession<'_> {
+    /// One guest access, as [`Vcpu::guest_access`].
+    pub fn access(&mut self, gva: u64, buf: &mut [u8], kind: AccessKind) -> Result<AccessOutcome> {
+        self.vcpu
+            .access_locked(&mut self.st, &mut self.vmg, gva, buf, kind, true)
+    }
 }
 
 /// The registers the guest-op API writes.
