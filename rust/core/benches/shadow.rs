@@ -139,8 +139,11 @@ fn pf_fixed(g: &TestGuest) -> u64 {
     g.vcpu.stats.get(VcpuStat::PfFixed as usize)
 }
 
+/// A cold loop over the first `n` pages.
+type Touch = fn(&TestGuest, u64);
+
 /// Time `touch` on `iters` fresh guests.
-fn cold_iters(t: &Template, iters: u64, touch: fn(&TestGuest, u64)) -> Duration {
+fn cold_iters(t: &Template, iters: u64, touch: Touch) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
         let g = t.instantiate();
@@ -158,7 +161,7 @@ fn bench_cold(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3))
         .throughput(Throughput::Elements(COLD_PAGES));
-    let runs: [(&str, bool, u64, fn(&TestGuest, u64)); 3] = [
+    let runs: [(&str, bool, u64, Touch); 3] = [
         ("faults", false, COLD_PAGES, touch_cold),
         (
             "faults_locking_per_access",
