@@ -518,6 +518,22 @@ class Vcpu(_VmOrVcpu):
     def set_mp_state(self, mp_state: int) -> None:
         self.ioctl(uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state=mp_state))
 
+    def get_msrs(self, indices: Sequence[int]) -> list[int]:
+        """KVM_GET_MSRS: the values of the MSRs ``indices``, in order, up to (not
+        including) the first one KVM cannot read (so the list may be shorter). E2BIG for
+        256 or more indices."""
+        m: Any = uapi.make_msrs(list(indices))
+        n = int(self.ioctl(uapi.KVM_GET_MSRS, m))
+        return [int(m.entries[i].data) for i in range(n)]
+
+    def set_msrs(self, entries: Sequence[tuple[int, int]]) -> int:
+        """KVM_SET_MSRS of ``(index, data)`` pairs, host-initiated: the number written,
+        which stops at the first MSR that fails. E2BIG for 256 or more entries. Writing
+        MSR_KVM_WALL_CLOCK(_NEW) makes KVM write the wall clock at that gpa (logged as
+        dirty, to this vCPU's ring in ring mode)."""
+        m = uapi.make_msrs([uapi.kvm_msr_entry(index=i, data=d) for i, d in entries])
+        return int(self.ioctl(uapi.KVM_SET_MSRS, m))
+
     def set_cpuid2(self, entries: Sequence[uapi.kvm_cpuid_entry2]) -> None:
         """KVM_SET_CPUID2: the guest's CPUID table."""
         _cpuid.set_cpuid2(self.transport, self.fd, entries)

@@ -48,6 +48,8 @@ pub struct VmState {
     pub dirty_ring_size: u64,
     /// Two-dimensional paging (NPT/EPT) instead of the shadow MMU (simulator option).
     pub tdp: bool,
+    /// kvm->arch.wall_clock: the gpa last written to MSR_KVM_WALL_CLOCK(_NEW).
+    pub wall_clock: u64,
 }
 
 /// KVM_MIN_ALLOC_MMU_PAGES.
@@ -89,6 +91,7 @@ impl Vm {
             mmu: Mmu::new(stats.clone()),
             dirty_ring_size: 0,
             tdp: false,
+            wall_clock: 0,
         };
         Ok(Arc::new_cyclic(|w| Vm {
             state: Mutex::new(state),

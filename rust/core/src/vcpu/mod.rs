@@ -6,6 +6,7 @@ pub mod events;
 pub mod guest_ops;
 pub mod mmu;
 pub mod mp_state;
+pub mod msr;
 pub mod sregs;
 
 use std::os::fd::{AsFd, OwnedFd};
@@ -275,6 +276,7 @@ impl Vcpu {
                 .or_else(|| mmu::ioctl(self, request, arg, ua))
                 .or_else(|| debugregs::ioctl(self, request, arg, ua))
                 .or_else(|| mp_state::ioctl(self, request, arg, ua))
+                .or_else(|| msr::ioctl(self, request, arg, ua))
                 .or_else(|| crate::cpuid::vcpu_ioctl(self, request, arg, ua))
                 // kvm_arch_vcpu_ioctl's default.
                 .unwrap_or(Err(Errno::EINVAL)),
