@@ -130,3 +130,24 @@ fn no_fault_maps_a_page_while_its_invalidation_runs() {
     g.audit().unwrap();
     assert_eq!(g.vm.host_invalidate_end(), Err(Errno::EINVAL));
 }
+
+#[test]
+fn events_on_a_slot_not_aligned_to_huge_frames() {
+    use kvmmmu_core::hostmem::HostRegion;
+    use kvmmmu_core::memslot::RegionIoctl;
+    use kvmmmu_core::uapi::kvm_userspace_memory_region2;
+    let g = guest();
+    // A slot at gfn 0x800 (8 MiB): its 1 GiB frame starts at gfn 0, below the slot.
+    let host = HostRegion::new(0x76000).unwrap();
+    let r = kvm_userspace_memory_region2 {
+        slot: 1,
+        guest_phys_addr: 0x80_0000,
+        memory_size: 0x76000,
+        userspace_addr: host.addr(),
+        ..Default::default()
+    };
+    g.vm.set_user_memory_region(&r, RegionIoctl::V2).unwrap();
+    g.vm.host_discard(host.addr() + 0x41000, 13 * 4096).unwrap();
+    assert!(!g.vm.host_age(host.addr(), 0x76000, false, false));
+    g.audit().unwrap();
+}

@@ -67,7 +67,8 @@ impl Mmu {
                 continue;
             }
             while f <= last {
-                out.extend(meta.rmap.iter(f << shift, level));
+                // A frame may start below the slot: name it by a gfn inside both.
+                out.extend(meta.rmap.iter((f << shift).max(start), level));
                 f += 1;
             }
         }
