@@ -120,6 +120,7 @@ impl crate::vm::Vm {
         for (a, b) in ranges {
             // mmu_invalidate_range_add: the hull of every concurrent range.
             mmu.invalidate_range = (mmu.invalidate_range.0.min(a), mmu.invalidate_range.1.max(b));
+            mmu.invalidate_ranges.push((a, b));
             flush |= mmu.zap_gfn_range(a, b);
         }
         if flush {
@@ -135,6 +136,9 @@ impl crate::vm::Vm {
         }
         st.mmu.invalidate_seq += 1;
         st.mmu.invalidate_in_progress -= 1;
+        if st.mmu.invalidate_in_progress == 0 {
+            st.mmu.invalidate_ranges.clear();
+        }
         Ok(())
     }
 

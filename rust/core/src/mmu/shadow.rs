@@ -308,6 +308,9 @@ pub struct Mmu {
     pub invalidate_in_progress: u32,
     pub invalidate_range: (u64, u64),
     pub invalidate_seq: u64,
+    /// The gfn ranges zapped by the running invalidations (their hull blocks faults;
+    /// the audit checks these).
+    pub invalidate_ranges: Vec<(u64, u64)>,
     stats: Arc<StatsFile>,
     remote_kick: Box<dyn Fn() -> bool + Send + Sync>,
 }
@@ -346,6 +349,7 @@ impl Mmu {
             invalidate_in_progress: 0,
             invalidate_range: (0, 0),
             invalidate_seq: 0,
+            invalidate_ranges: Vec::new(),
             stats,
             remote_kick: Box::new(|| false),
         }
