@@ -4,9 +4,24 @@
 is the machine's real KVM. Both speak the same ioctl API.
 """
 
-from . import dot, uapi
+from . import dot, exits, uapi
 from ._core import GuestMemory, SimKvm, __version__
-from .api import Kvm, Vcpu, Vm
+from .api import KICK_SIGNAL, Kvm, Vcpu, Vm
+from .exits import (
+    Exit,
+    ExitDebug,
+    ExitDirtyRingFull,
+    ExitFailEntry,
+    ExitHlt,
+    ExitInternalError,
+    ExitIntr,
+    ExitIo,
+    ExitMmio,
+    ExitOther,
+    ExitShutdown,
+    ExitSystemEvent,
+    ExitUnknown,
+)
 from .mmu import (
     DirtyRingFull,
     GuestMmioAccess,
@@ -28,10 +43,24 @@ from .uapi import (
 )
 
 __all__ = [
+    "KICK_SIGNAL",
     "KVM_MEM_LOG_DIRTY_PAGES",
     "KVM_MEM_READONLY",
     "DevTransport",
     "DirtyRingFull",
+    "Exit",
+    "ExitDebug",
+    "ExitDirtyRingFull",
+    "ExitFailEntry",
+    "ExitHlt",
+    "ExitInternalError",
+    "ExitIntr",
+    "ExitIo",
+    "ExitMmio",
+    "ExitOther",
+    "ExitShutdown",
+    "ExitSystemEvent",
+    "ExitUnknown",
     "GuestMemory",
     "GuestMmioAccess",
     "GuestPageFault",
@@ -47,6 +76,7 @@ __all__ = [
     "__version__",
     "device_available",
     "dot",
+    "exits",
     "kvm_regs",
     "kvm_segment",
     "kvm_sregs",

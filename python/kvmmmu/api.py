@@ -15,6 +15,8 @@ under a slot, on either backend.
 from __future__ import annotations
 
 import ctypes
+import signal
+import threading
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,6 +25,7 @@ import numpy as np
 
 from . import cpuid as _cpuid
 from . import dirty as _dirty
+from . import exits as _exits
 from . import uapi
 from ._core import GuestMemory
 from .mmu import VcpuMmu, VmMmu, _weak_stats
@@ -440,8 +443,16 @@ class Vcpu(_VmOrVcpu):
         res.open_fds.add(fd)
         size = vm.kvm.get_vcpu_mmap_size()
         self._mmap = self.transport.mmap(fd, size)
-        self.run: uapi.kvm_run = uapi.kvm_run.from_buffer(self._mmap)
+        #: The whole vCPU mmap (kvm_run, then the PIO data page).
+        self._area = memoryview(self._mmap)
+        #: The ``kvm_run`` struct shared with the kernel / the core.
+        self.kvm_run: uapi.kvm_run = _KvmRunView.from_buffer(self._mmap)
+        self.kvm_run._vcpu = weakref.ref(self)
         self._fd = _Fd(self, self.transport, fd, _VcpuCloser(self._mmap, res))
+        self._runner = _Runner()
+        self._last_exit: _exits.Exit | None = None
+        if isinstance(self.transport, DevTransport):
+            _install_kick_handler()
         self._stats: _Stats | None = None
         self._mmu: VcpuMmu | None = None
         #: The vCPU's dirty ring (a :class:`kvmmmu.dirty.DirtyRing`) when the VM enabled
@@ -449,9 +460,20 @@ class Vcpu(_VmOrVcpu):
         #: harvested by ``vm.harvest_dirty``, after the vCPU is closed.
         self.dirty_ring: _dirty.DirtyRing | None = None
 
+    @property
+    def run(self) -> _KvmRunView:
+        """Call it: ``vcpu.run()`` is KVM_RUN (:meth:`run_vcpu`). As an attribute it is
+        still the ``kvm_run`` struct (``vcpu.run.exit_reason``), as before
+        ``run()`` existed; new code uses :attr:`kvm_run`."""
+        try:
+            return self.kvm_run  # type: ignore[return-value]
+        except AttributeError:
+            raise ValueError("Vcpu is closed") from None
+
     def close(self) -> None:
         if not self._fd.closed:
-            del self.run
+            del self.kvm_run
+            self._area.release()
         self._fd.close()
 
     def _get(self, struct: type[_S], request: int) -> _S:
@@ -542,9 +564,188 @@ class Vcpu(_VmOrVcpu):
         """KVM_GET_CPUID2: the table last set (E2BIG if ``nent`` is too small)."""
         return _cpuid.get_cpuid2(self.transport, self.fd, nent)
 
+    # -- running (docs/api.md, "Running a vCPU"; kvmmmu.exits) ---------------------
+
+    def run_vcpu(self) -> _exits.Exit:
+        """KVM_RUN, then the exit decoded from ``kvm_run`` (the same decoding for both
+        backends). EINTR (``immediate_exit`` set, :meth:`kick`, or a signal) is
+        returned as :class:`~kvmmmu.exits.ExitIntr`; other errnos raise the OSError
+        subclass. A pending MMIO read or port IN must be completed (with
+        :meth:`complete_mmio_read` / :meth:`complete_io_in`) before this call: the
+        guest instruction finishes inside it with the data then in ``kvm_run``."""
+        fd = self.fd
+        self._runner.enter()
+        try:
+            self.transport.ioctl(fd, uapi.KVM_RUN, 0)
+        except InterruptedError:
+            self._last_exit = _exits.ExitIntr()
+            return self._last_exit
+        finally:
+            self._runner.leave()
+        self._last_exit = _exits.decode(self.kvm_run, self._area)
+        return self._last_exit
+
+    @property
+    def last_exit(self) -> _exits.Exit | None:
+        """The record the last :meth:`run` returned (None before the first)."""
+        return self._last_exit
+
+    def complete_mmio_read(self, data: bytes | bytearray | memoryview) -> None:
+        """Answer the pending KVM_EXIT_MMIO read: ``data`` (exactly ``len`` bytes) goes
+        to ``kvm_run.mmio.data`` and the guest loads it when :meth:`run` re-enters."""
+        last = self._last_exit
+        if not isinstance(last, _exits.ExitMmio) or last.is_write:
+            raise RuntimeError(f"no pending MMIO read to complete (last exit: {last})")
+        data = bytes(data)
+        if len(data) != last.len:
+            raise ValueError(f"MMIO read of {last.len} bytes completed with {len(data)}")
+        ctypes.memmove(self.kvm_run.mmio.data, data, len(data))
+
+    def complete_io_in(self, data: bytes | bytearray | memoryview) -> None:
+        """Answer the pending KVM_EXIT_IO IN: ``data`` (exactly ``size * count`` bytes)
+        goes to the I/O data at ``kvm_run.io.data_offset``; the guest's IN (or INS)
+        finishes when :meth:`run` re-enters."""
+        last = self._last_exit
+        if not isinstance(last, _exits.ExitIo) or last.is_write:
+            raise RuntimeError(f"no pending port IN to complete (last exit: {last})")
+        data = bytes(data)
+        n = last.size * last.count
+        if len(data) != n:
+            raise ValueError(f"IN of {last.size}x{last.count} bytes completed with {len(data)}")
+        start = int(self.kvm_run.io.data_offset)
+        if start + n > len(self._area):
+            raise ValueError(f"kvm_run.io data at {start:#x}+{n} is outside the vCPU mmap")
+        self._area[start : start + n] = data
+
+    @property
+    def immediate_exit(self) -> bool:
+        """``kvm_run.immediate_exit``: while set, KVM_RUN returns EINTR at once
+        (:class:`~kvmmmu.exits.ExitIntr`). KVM never clears it, nor does ``run()``."""
+        return bool(self.kvm_run.immediate_exit)
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        self.kvm_run.immediate_exit = 1 if value else 0
+
+    def kick(self) -> None:
+        """Make a running or about-to-run :meth:`run` return
+        :class:`~kvmmmu.exits.ExitIntr`: safe from any thread at any time. Sets
+        ``immediate_exit`` (for the next entry) and interrupts a KVM_RUN in progress:
+        on the device with :data:`KICK_SIGNAL` sent to the thread inside ``run()``
+        (as QEMU's SIG_IPI), on the simulator through the core. Clear
+        ``immediate_exit`` afterwards to run again."""
+        try:
+            self.kvm_run.immediate_exit = 1
+        except AttributeError:
+            return  # closed: nothing runs
+        self._runner.kick(self.transport, self._fd.fd)
+
+    def set_guest_debug(
+        self,
+        enable: bool = True,
+        *,
+        single_step: bool = False,
+        sw_bp: bool = False,
+        hw_bp: bool = False,
+        inject_db: bool = False,
+        inject_bp: bool = False,
+        blockirq: bool = False,
+        debugreg: Sequence[int] = (),
+    ) -> None:
+        """KVM_SET_GUEST_DEBUG: with ``single_step`` every guest instruction ends in
+        :class:`~kvmmmu.exits.ExitDebug` (#DB, ``pc`` the next instruction); with
+        ``sw_bp`` an INT3 exits as #BP instead of reaching the guest; with ``hw_bp``
+        ``debugreg`` (DR0-DR3, -, -, DR6, DR7) is used. ``enable=False`` turns it off."""
+        control = 0
+        if enable:
+            control = uapi.KVM_GUESTDBG_ENABLE
+            for on, bit in (
+                (single_step, uapi.KVM_GUESTDBG_SINGLESTEP),
+                (sw_bp, uapi.KVM_GUESTDBG_USE_SW_BP),
+                (hw_bp, uapi.KVM_GUESTDBG_USE_HW_BP),
+                (inject_db, uapi.KVM_GUESTDBG_INJECT_DB),
+                (inject_bp, uapi.KVM_GUESTDBG_INJECT_BP),
+                (blockirq, uapi.KVM_GUESTDBG_BLOCKIRQ),
+            ):
+                if on:
+                    control |= bit
+        dbg = uapi.kvm_guest_debug(control=control)
+        if len(debugreg) > 8:
+            raise ValueError("kvm_guest_debug has eight debugreg slots")
+        for i, value in enumerate(debugreg):
+            dbg.arch.debugreg[i] = value
+        self.ioctl(uapi.KVM_SET_GUEST_DEBUG, dbg)
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd.fd}"
         return f"Vcpu({self.vm.kvm.backend}, id={self.id}, {state})"
+
+
+class _KvmRunView(uapi.kvm_run):
+    """``vcpu.run``: the kvm_run struct, which when called runs the vCPU (so that both
+    ``vcpu.run()`` and the older ``vcpu.run.exit_reason`` work). It holds the vCPU
+    only weakly."""
+
+    _vcpu: Any
+
+    def __call__(self) -> _exits.Exit:
+        vcpu = self._vcpu()
+        if vcpu is None:
+            raise ValueError("Vcpu is closed")
+        result: _exits.Exit = vcpu.run_vcpu()
+        return result
+
+
+#: The signal :meth:`Vcpu.kick` sends to a thread inside KVM_RUN on the device (as
+#: QEMU's SIG_IPI): its handler does nothing; the signal only makes KVM_RUN
+#: return EINTR. A real-time signal nobody else uses.
+KICK_SIGNAL = signal.SIGRTMIN + 2
+
+
+def _kick_handler(signum: int, frame: object) -> None:
+    del signum, frame  # the interruption of KVM_RUN is the whole point
+
+
+def _install_kick_handler() -> bool:
+    """Install the no-op KICK_SIGNAL handler (only the main thread can); True when a
+    Python handler is in place, so the signal interrupts instead of killing."""
+    current = signal.getsignal(KICK_SIGNAL)
+    if callable(current):
+        return True
+    if current == signal.SIG_IGN:
+        return False  # the program ignores it: an ignored signal interrupts nothing
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    # CPython installs it without SA_RESTART; KVM returns EINTR either way.
+    signal.signal(KICK_SIGNAL, _kick_handler)
+    return True
+
+
+class _Runner:
+    """Which thread is inside KVM_RUN, so a kick can reach it while it is alive."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._thread: int | None = None
+
+    def enter(self) -> None:
+        with self._lock:
+            self._thread = threading.get_ident()
+
+    def leave(self) -> None:
+        with self._lock:
+            self._thread = None
+
+    def kick(self, transport: Transport, fd: int) -> None:
+        if isinstance(transport, SimTransport):
+            kick = getattr(transport.core, "kick", None)
+            if kick is not None:
+                kick(fd)
+            return
+        with self._lock:
+            # Held across the send: the thread cannot finish leave() and exit before.
+            if self._thread is not None and _install_kick_handler():
+                signal.pthread_kill(self._thread, KICK_SIGNAL)
 
 
 class _VcpuCloser:
