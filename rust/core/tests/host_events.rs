@@ -151,3 +151,63 @@ fn events_on_a_slot_not_aligned_to_huge_frames() {
     assert!(!g.vm.host_age(host.addr(), 0x76000, false, false));
     g.audit().unwrap();
 }
+
+/// The leaf levels of the present leaves mapping gfns [start, end).
+fn leaf_levels_over(g: &TestGuest, start: u64, end: u64) -> Vec<u8> {
+    let st = g.vm.state();
+    let mut out = Vec::new();
+    for (_, sp) in st.mmu.iter() {
+        let level = sp.role.level();
+        for (i, s) in sp.spt.iter().enumerate() {
+            if !(s.is_shadow_present() && s.is_leaf(level)) {
+                continue;
+            }
+            let gfn = sp.get_gfn(i);
+            let pages = kvmmmu_core::mmu::rmap::kvm_pages_per_hpage(level);
+            if gfn < end && start < gfn + pages {
+                out.push(level);
+            }
+        }
+    }
+    out
+}
+
+/// Fuzzer finding (issue 6): with THP, a fault for a gfn outside an invalidation but
+/// inside the same 2 MiB host page installed a 2 MiB leaf over the gfns being
+/// invalidated. Linux splits a host huge page (an invalidation of all of it) before
+/// it changes part of it, so host_pfn_mapping_level sees 4 KiB pages there.
+fn no_huge_leaf_over_a_running_invalidation(mut g: TestGuest, gva: u64, gpa: u64) {
+    g.host.set_thp(true).unwrap();
+    let cr3 = g.cr3();
+    g.map(cr3, gva, gpa, 2, P | W | U);
+    let h = hva(&g, gpa);
+    let (gfn0, gfn1) = ((gpa >> 12) + 0x13b, (gpa >> 12) + 0x147);
+    read(&g, gva);
+    assert_eq!(leaf_levels_over(&g, gfn0, gfn1), [2], "a huge leaf first");
+    g.vm.host_invalidate_start(h + 0x13b000, 12 * 4096);
+    assert!(leaf_levels_over(&g, gfn0, gfn1).is_empty(), "zapped");
+    // A write to another page of the same 2 MiB: 4 KiB, not over the range.
+    g.write(gva + 0x1fc000, 5, true).unwrap();
+    assert_eq!(leaf_levels_over(&g, gpa >> 12, (gpa >> 12) + 512), [1]);
+    assert!(leaf_levels_over(&g, gfn0, gfn1).is_empty());
+    g.audit().unwrap();
+    g.vm.host_invalidate_end().unwrap();
+    // The host is free to map the 2 MiB huge again (nothing changed in it).
+    g.vm.host_invalidate_start(h + 0x1fc000, 4096);
+    g.vm.host_invalidate_end().unwrap();
+    assert_eq!(read(&g, gva + 0x13b000), 0);
+    assert_eq!(leaf_levels_over(&g, gfn0, gfn1), [2]);
+    g.audit().unwrap();
+}
+
+#[test]
+fn no_huge_leaf_over_a_running_invalidation_tdp() {
+    let g = TestGuest::new_tdp(PagingMode::Long4, 8 << 20).unwrap();
+    no_huge_leaf_over_a_running_invalidation(g, 0x4000_0000, 2 << 20);
+}
+
+#[test]
+fn no_huge_leaf_over_a_running_invalidation_shadow() {
+    let g = TestGuest::new(PagingMode::Long4, 8 << 20).unwrap();
+    no_huge_leaf_over_a_running_invalidation(g, 0x4000_0000, 2 << 20);
+}

@@ -175,7 +175,15 @@ pub fn hugepage_adjust(
     let Some(slot) = slots.lookup(gfn) else {
         return PG_LEVEL_4K;
     };
-    level.min(host_mapping_level(slot, gfn))
+    let level = level.min(host_mapping_level(slot, gfn));
+    // Linux splits a host huge page (invalidating all of it) before it changes part
+    // of it, so while part of the frame is being invalidated the host maps it with
+    // 4 KiB pages: a huge leaf would map gfns whose host pages are changing.
+    let base = gfn_round_for_level(gfn, level);
+    if level > PG_LEVEL_4K && mmu.invalidation_overlaps(base, base + kvm_pages_per_hpage(level)) {
+        return PG_LEVEL_4K;
+    }
+    level
 }
 
 /// mmu_set_spte: install a leaf (or an MMIO SPTE for a frame without memslot).

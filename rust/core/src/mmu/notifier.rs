@@ -44,6 +44,16 @@ impl Mmu {
             && gfn < self.invalidate_range.1
     }
 
+    /// Whether a running invalidation covers any gfn of [start, end) (the ranges
+    /// themselves, not their hull).
+    pub fn invalidation_overlaps(&self, start: u64, end: u64) -> bool {
+        self.invalidate_in_progress > 0
+            && self
+                .invalidate_ranges
+                .iter()
+                .any(|&(a, b)| a < end && start < b)
+    }
+
     /// The leaves mapping gfns [start, end) at every level (rmap frames overlapping).
     fn leaves_in(&self, start: u64, end: u64) -> Vec<SptePtr> {
         let mut out = Vec::new();
