@@ -13,6 +13,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register
@@ -22,6 +23,7 @@ from kvmmmu import GuestMemory, uapi
 from kvmmmu.exits import (
     Exit,
     ExitDebug,
+    ExitDirtyRingFull,
     ExitHlt,
     ExitInternalError,
     ExitIntr,
@@ -39,6 +41,7 @@ DATA = 0x9000
 TABLES = 2 * MiB  # the page-table pool (long mode)
 ROM_GPA = 0x40_0000 + RAM  # a read-only slot above RAM
 MMIO_GPA = 0xE000_0000
+LOGGED_GPA = 0x100_0000  # a dirty-logged slot (16 MiB)
 
 CR0_PE, CR0_ET, CR0_WP, CR0_PG = 1, 1 << 4, 1 << 16, 1 << 31
 CR4_PAE = 1 << 5
@@ -98,12 +101,27 @@ class Guest:
     paging; "lm64": 4-level long mode, the first RAM bytes, ROM_GPA and MMIO_GPA
     identity-mapped), CPL0, RIP at CODE."""
 
-    def __init__(self, kvm: kvmmmu.Kvm, mode: str, code: bytes, *, rom: bytes = b"") -> None:
+    def __init__(
+        self,
+        kvm: kvmmmu.Kvm,
+        mode: str,
+        code: bytes,
+        *,
+        rom: bytes = b"",
+        logged: int = 0,
+        ring: int = 0,
+    ) -> None:
         self.mode = mode
         self.bits = 64 if mode == "lm64" else 32
         self.vm = kvm.create_vm()
+        if ring:
+            self.vm.enable_dirty_ring(ring)
         self.mem = GuestMemory(RAM)
         self.vm.set_user_memory_region(0, 0, RAM, self.mem)
+        if logged:
+            self.logged = GuestMemory(logged)
+            flags = uapi.KVM_MEM_LOG_DIRTY_PAGES
+            self.vm.set_user_memory_region(2, LOGGED_GPA, logged, self.logged, flags)
         if rom:
             self.rom = GuestMemory(4096)
             self.rom.write(0, rom)
@@ -122,6 +140,8 @@ class Guest:
             pt.map(0, 0, size=2 * MiB, flags=P | W)
             pt.map(ROM_GPA, ROM_GPA, flags=P | W)
             pt.map(MMIO_GPA, MMIO_GPA, flags=P | W)
+            for offset in range(0, logged, 2 * MiB):
+                pt.map(LOGGED_GPA + offset, LOGGED_GPA + offset, size=2 * MiB, flags=P | W)
             s.cr3 = pt.cr3
             s.cr0 = CR0_PE | CR0_ET | CR0_WP | CR0_PG
             s.cr4 = CR4_PAE
@@ -160,7 +180,7 @@ def guests(kvm: kvmmmu.Kvm, request: pytest.FixtureRequest) -> Iterator[list[Gue
         g.close()
 
 
-def make(kvm: kvmmmu.Kvm, made: list[Guest], mode: str, code: bytes, **kw: bytes) -> Guest:
+def make(kvm: kvmmmu.Kvm, made: list[Guest], mode: str, code: bytes, **kw: Any) -> Guest:
     g = Guest(kvm, mode, code, **kw)
     made.append(g)
     return g
@@ -223,6 +243,43 @@ def test_in_completes_on_reentry(kvm: kvmmmu.Kvm, guests: list[Guest], mode: str
     g.vcpu.complete_io_in(b"\xde\xad\xbe\xef")
     assert g.run() == ExitIo(port=0x23, size=4, count=1, is_write=True, data=b"\xde\xad\xbe\xef")
     assert isinstance(g.run(), ExitHlt)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_string_io(kvm: kvmmmu.Kvm, guests: list[Guest], mode: str) -> None:
+    """REP OUTSB exits once per element (count 1, RCX already counted down, RIP on the
+    instruction until the last); REP INSW reads ahead: one exit with count = RCX, and
+    the ``size*count`` bytes given back land in memory in order."""
+    bits = 64 if mode == "lm64" else 32
+    code = asm(
+        bits,
+        [
+            I.create_reg_u32(Code.MOV_R32_IMM32, R.ECX, 4),
+            I.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, 0x30),
+            I.create_reg_u32(Code.MOV_R32_IMM32, R.ESI, DATA),
+            outs := I.create_rep_outsb(bits),
+            I.create_reg_u32(Code.MOV_R32_IMM32, R.ECX, 3),
+            I.create_reg_u32(Code.MOV_R32_IMM32, R.EDI, DATA + 0x100),
+            I.create_rep_insw(bits),
+            hlt(),
+        ],
+    )
+    outs_rip = CODE + 15
+    assert asm(bits, [outs]) == code[15:17]
+    g = make(kvm, guests, mode, code)
+    g.mem.write(DATA, b"abcd")
+    for i, byte in enumerate(b"abcd"):
+        assert g.run() == ExitIo(port=0x30, size=1, count=1, is_write=True, data=bytes([byte]))
+        r = g.vcpu.get_regs()
+        assert (r.rip, r.rcx) == (outs_rip, 3 - i)
+    e = g.run()
+    assert e == ExitIo(port=0x30, size=2, count=3, is_write=False)
+    with pytest.raises(ValueError):
+        g.vcpu.complete_io_in(b"\x01\x02")
+    g.vcpu.complete_io_in(b"\x01\x02\x03\x04\x05\x06")
+    assert g.run() == ExitHlt()
+    assert g.mem.read(DATA + 0x100, 8) == b"\x01\x02\x03\x04\x05\x06\x00\x00"
+    assert g.vcpu.get_regs().rcx == 0
 
 
 # -- MMIO --------------------------------------------------------------------------
@@ -455,6 +512,49 @@ def test_triple_fault_is_shutdown(kvm: kvmmmu.Kvm, guests: list[Guest], mode: st
     s.idt.base, s.idt.limit = 0, 0
     g.vcpu.set_sregs(s)
     assert g.run() == ExitShutdown()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dirty_ring_full(kvm: kvmmmu.Kvm, guests: list[Guest], mode: str) -> None:
+    """A guest writing 300 pages with a 256-entry ring (soft limit 192): KVM_RUN exits
+    with KVM_EXIT_DIRTY_RING_FULL before the ring overflows (on the device at the end
+    of an emulation batch, so the loop is padded with NOPs to stay in the 64 reserved
+    entries), and after harvest + reset the guest goes on; no page is lost."""
+    bits = 64 if mode == "lm64" else 32
+    n = 300
+    loop = {32: Code.LOOP_REL8_32_ECX, 64: Code.LOOP_REL8_64_RCX}[bits]
+    code = asm(
+        bits,
+        [
+            I.create_reg_u32(Code.MOV_R32_IMM32, R.ECX, n),
+            mov_rbx(bits, LOGGED_GPA),
+            label(I.create_mem_reg(Code.MOV_RM8_R8, M(base(bits)), R.CL), 1),
+            *[I.create(Code.NOPD) for _ in range(16)],
+            I.create_reg_i32(
+                Code.ADD_RM32_IMM32 if bits == 32 else Code.ADD_RM64_IMM32, base(bits), 4096
+            ),
+            I.create_branch(loop, 1),
+            hlt(),
+        ],
+    )
+    g = make(kvm, guests, mode, code, logged=2 * MiB, ring=4096)
+    ring = g.vcpu.dirty_ring
+    assert ring is not None
+    seen: list[int] = []
+    fulls = 0
+    while True:
+        e = g.run()
+        slots, offsets = ring.harvest()
+        assert set(slots.tolist()) <= {2}
+        seen += offsets.tolist()
+        g.vm.reset_dirty_rings()
+        if e == ExitHlt():
+            break
+        assert isinstance(e, ExitDirtyRingFull), e
+        assert 192 <= len(offsets) <= 256
+        fulls += 1
+    assert fulls >= 1
+    assert sorted(seen) == list(range(n))
 
 
 # -- the records -------------------------------------------------------------------
