@@ -131,3 +131,33 @@ class PageTables:
 
     def entry(self, gva: int, level: int) -> int:
         return self.read(self.entry_gpa(gva, level))
+
+    # -- walking (the host reading the guest's tables; no A/D bits are set) -------------
+
+    def leaf(self, gva: int) -> tuple[int, int] | None:
+        """``(level, gpa of the entry)`` of the entry that maps ``gva`` (a PTE, or a
+        PDE/PDPTE with PS), or None where the walk meets a not-present entry."""
+        table = self.cr3
+        for lvl in range(self.root_level, 0, -1):
+            e_gpa = table + self.index(gva, lvl) * self.size
+            e = self.read(e_gpa)
+            if not e & P:
+                return None
+            if lvl == 1 or (e & PS and lvl in (2, 3) and not (self.mode == "pae" and lvl == 3)):
+                return lvl, e_gpa
+            table = self._frame(e)
+        return None
+
+    def translate(self, gva: int) -> int | None:
+        """The gpa ``gva`` maps to (None if not present; permissions not checked)."""
+        found = self.leaf(gva)
+        if found is None:
+            return None
+        lvl, e_gpa = found
+        e = self.read(e_gpa)
+        if lvl == 1:
+            return self._frame(e) | gva & 0xFFF
+        if self.size == 4:  # 4 MiB page, PA[35:32] in PDE[16:13]
+            return (e & 0xFFC0_0000) | ((e >> 13) & 0xF) << 32 | gva & 0x3F_FFFF
+        page = 1 << (12 + self.bits * (lvl - 1))
+        return self._frame(e) & ~(page - 1) | gva & (page - 1)
