@@ -574,15 +574,16 @@ class Vcpu(_VmOrVcpu):
         :meth:`complete_mmio_read` / :meth:`complete_io_in`) before this call: the
         guest instruction finishes inside it with the data then in ``kvm_run``."""
         fd = self.fd
-        self._runner.enter()
+        runner = self._runner
+        runner.thread = threading.get_ident()
         try:
             self.transport.ioctl(fd, uapi.KVM_RUN, 0)
         except InterruptedError:
             self._last_exit = _exits.ExitIntr()
             return self._last_exit
         finally:
-            self._runner.leave()
-        self._last_exit = _exits.decode(self.kvm_run, self._area)
+            runner.leave()
+        self._last_exit = _exits.decode(self._area)
         return self._last_exit
 
     @property
@@ -726,15 +727,13 @@ class _Runner:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._thread: int | None = None
-
-    def enter(self) -> None:
-        with self._lock:
-            self._thread = threading.get_ident()
+        #: Set by the thread entering KVM_RUN (a plain store: kick reads it under the
+        #: lock, and the thread cannot leave run() without taking the lock).
+        self.thread: int | None = None
 
     def leave(self) -> None:
         with self._lock:
-            self._thread = None
+            self.thread = None
 
     def kick(self, transport: Transport, fd: int) -> None:
         if isinstance(transport, SimTransport):
@@ -744,8 +743,8 @@ class _Runner:
             return
         with self._lock:
             # Held across the send: the thread cannot finish leave() and exit before.
-            if self._thread is not None and _install_kick_handler():
-                signal.pthread_kill(self._thread, KICK_SIGNAL)
+            if self.thread is not None and _install_kick_handler():
+                signal.pthread_kill(self.thread, KICK_SIGNAL)
 
 
 class _VcpuCloser:

@@ -14,6 +14,7 @@ read with ``vcpu.complete_mmio_read(data)`` and an :class:`ExitIo` IN with
 from __future__ import annotations
 
 import ctypes
+import struct
 from dataclasses import dataclass, field
 
 from . import uapi
@@ -257,74 +258,89 @@ class ExitOther(Exit):
         return f"{self.name} raw={self.raw.rstrip(bytes(1)).hex()}"
 
 
-def _io(run: uapi.kvm_run, area: memoryview) -> ExitIo:
-    io = run.io
-    is_write = io.direction == uapi.KVM_EXIT_IO_OUT
-    data = b""
-    if is_write:
-        n = io.size * io.count
-        start = io.data_offset
-        if start + n > len(area):
-            raise ValueError(f"kvm_run.io data at {start:#x}+{n} is outside the vCPU mmap")
-        data = bytes(area[start : start + n])
-    return ExitIo(port=io.port, size=io.size, count=io.count, is_write=is_write, data=data)
+# The fields decoded, as offsets into kvm_run (checked against uapi in the tests).
+_EXIT_REASON = struct.Struct("<I")  # at 8
+_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
+_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
+_FAIL_ENTRY = struct.Struct("<QI")
+_DEBUG = struct.Struct("<IxxxxQQQ")  # exception, pc, dr6, dr7
+_INTERNAL = struct.Struct("<II16Q")  # suberror, ndata, data[16]
+_SYSTEM_EVENT = struct.Struct("<II16Q")  # type, ndata, data[16] (data[0] = flags)
+_U64 = struct.Struct("<Q")
+_INSN_BYTES = 1 + 15  # insn_size, insn_bytes[15], at data[1]
 
 
-def _mmio(run: uapi.kvm_run) -> ExitMmio:
-    m = run.mmio
-    n = min(int(m.len), 8)
-    data = bytes(m.data)[:n] if m.is_write else bytes(n)
-    return ExitMmio(phys_addr=m.phys_addr, data=data, is_write=bool(m.is_write))
+def _io(buf: memoryview | bytes) -> ExitIo:
+    direction, size, port, count, start = _IO.unpack_from(buf, _UNION)
+    if direction != uapi.KVM_EXIT_IO_OUT:
+        return ExitIo(port=port, size=size, count=count, is_write=False)
+    n = size * count
+    if start + n > len(buf):
+        raise ValueError(f"kvm_run.io data at {start:#x}+{n} is outside the vCPU mmap")
+    return ExitIo(
+        port=port, size=size, count=count, is_write=True, data=bytes(buf[start : start + n])
+    )
 
 
-def _internal(run: uapi.kvm_run) -> ExitInternalError:
-    internal = run.internal
-    ndata = min(int(internal.ndata), len(internal.data))
-    data = tuple(int(d) for d in internal.data[:ndata])
+def _mmio(buf: memoryview | bytes) -> ExitMmio:
+    phys_addr, data, length, is_write = _MMIO.unpack_from(buf, _UNION)
+    n = min(length, 8)
+    return ExitMmio(
+        phys_addr=phys_addr, data=data[:n] if is_write else bytes(n), is_write=bool(is_write)
+    )
+
+
+def _internal(buf: memoryview | bytes) -> ExitInternalError:
+    suberror, ndata, *words = _INTERNAL.unpack_from(buf, _UNION)
+    data = tuple(words[: min(ndata, len(words))])
     insn = b""
-    ef = run.emulation_failure
     if (
-        internal.suberror == uapi.KVM_INTERNAL_ERROR_EMULATION
-        and ndata >= 3
-        and ef.flags & uapi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+        suberror == uapi.KVM_INTERNAL_ERROR_EMULATION
+        and len(data) >= 3
+        and data[0] & uapi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
     ):
-        insn = bytes(ef.insn_bytes)[: min(int(ef.insn_size), 15)]
-    return ExitInternalError(suberror=internal.suberror, data=data, insn_bytes=insn)
+        raw = bytes(buf[_UNION + 16 : _UNION + 16 + _INSN_BYTES])
+        insn = raw[1 : 1 + min(raw[0], 15)]
+    return ExitInternalError(suberror=suberror, data=data, insn_bytes=insn)
 
 
-def decode(run: uapi.kvm_run, area: memoryview | None = None) -> Exit:
-    """The record for the exit described by ``run`` (after a successful KVM_RUN).
-    ``area`` is the whole vCPU mmap, where KVM_EXIT_IO keeps its data."""
-    reason = int(run.exit_reason)
+def _system_event(buf: memoryview | bytes) -> ExitSystemEvent:
+    type_, ndata, *words = _SYSTEM_EVENT.unpack_from(buf, _UNION)
+    return ExitSystemEvent(type=type_, data=tuple(words[: min(ndata, len(words))]))
+
+
+def _run_bytes(run: uapi.kvm_run) -> bytes:
+    return ctypes.string_at(ctypes.addressof(run), ctypes.sizeof(run))
+
+
+def decode(run: uapi.kvm_run | memoryview | bytes) -> Exit:
+    """The record for the exit described by ``kvm_run`` (after a successful KVM_RUN):
+    ``run`` is the vCPU's mmap (a buffer starting with kvm_run; KVM_EXIT_IO keeps the
+    OUT data further in, at ``io.data_offset``) or a :class:`uapi.kvm_run`."""
+    buf = _run_bytes(run) if isinstance(run, uapi.kvm_run) else run
+    (reason,) = _EXIT_REASON.unpack_from(buf, 8)
     if reason == uapi.KVM_EXIT_IO:
-        if area is None:
-            area = memoryview(ctypes.string_at(ctypes.addressof(run), ctypes.sizeof(run)))
-        return _io(run, area)
+        return _io(buf)
     if reason == uapi.KVM_EXIT_MMIO:
-        return _mmio(run)
+        return _mmio(buf)
     if reason == uapi.KVM_EXIT_HLT:
         return ExitHlt()
     if reason == uapi.KVM_EXIT_SHUTDOWN:
         return ExitShutdown()
     if reason == uapi.KVM_EXIT_INTERNAL_ERROR:
-        return _internal(run)
+        return _internal(buf)
     if reason == uapi.KVM_EXIT_FAIL_ENTRY:
-        fe = run.fail_entry
-        return ExitFailEntry(
-            hardware_entry_failure_reason=fe.hardware_entry_failure_reason, cpu=fe.cpu
-        )
+        failure, cpu = _FAIL_ENTRY.unpack_from(buf, _UNION)
+        return ExitFailEntry(hardware_entry_failure_reason=failure, cpu=cpu)
     if reason == uapi.KVM_EXIT_DEBUG:
-        a = run.debug.arch
-        return ExitDebug(exception=a.exception, pc=a.pc, dr6=a.dr6, dr7=a.dr7)
+        exception, pc, dr6, dr7 = _DEBUG.unpack_from(buf, _UNION)
+        return ExitDebug(exception=exception, pc=pc, dr6=dr6, dr7=dr7)
     if reason == uapi.KVM_EXIT_DIRTY_RING_FULL:
         return ExitDirtyRingFull()
     if reason == uapi.KVM_EXIT_INTR:
         return ExitIntr()
     if reason == uapi.KVM_EXIT_SYSTEM_EVENT:
-        ev = run.system_event
-        n = min(int(ev.ndata), len(ev.data))
-        return ExitSystemEvent(type=ev.type, data=tuple(int(d) for d in ev.data[:n]))
+        return _system_event(buf)
     if reason == uapi.KVM_EXIT_UNKNOWN:
-        return ExitUnknown(reason, run.hw.hardware_exit_reason)
-    raw = ctypes.string_at(ctypes.addressof(run) + _UNION, _UNION_SIZE)
-    return ExitOther(reason, raw)
+        return ExitUnknown(reason, _U64.unpack_from(buf, _UNION)[0])
+    return ExitOther(reason, bytes(buf[_UNION : _UNION + _UNION_SIZE]))
