@@ -1,4 +1,5 @@
-"""The ``kvmmmu`` command: a guided tour, the capability list, and conformance runs."""
+"""The ``kvmmmu`` command: ``run`` boots the bundled demo guest (the default), ``tour``
+walks through the API, ``caps`` lists capabilities, ``conformance`` compares backends."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import uapi
+from . import dot, uapi
 from ._core import GuestMemory
 from .api import Kvm
 from .conformance import CASES, run_case
 from .conformance.cases import lm64
+from .guest import demo as guest_demo
 from .transport import DEFAULT_PATH, device_available
 
 GiB = 1 << 30
@@ -167,10 +169,79 @@ def conformance(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def run(args: argparse.Namespace) -> int:
+    """Boot the demo guest (kvmmmu.guest.demo) and print its exits, the MMU counters
+    and the dirty pages."""
+    if args.backend == "dev":
+        problem = device_available(args.device)
+        if problem:
+            print(f"kvmmmu run: no device to run on: {problem}", file=sys.stderr)
+            return 2
+        kvm = Kvm(args.device)
+        where = f"the device ({args.device})"
+    else:
+        kvm = Kvm()
+        where = "the simulator (kvmmmu.Kvm())"
+    if args.dot and args.backend == "dev":
+        print("kvmmmu run: --dot needs the simulator (the device hides its MMU)", file=sys.stderr)
+        return 2
+    with kvm:
+        try:
+            res = guest_demo.run(kvm, keep=bool(args.dot))
+        except OSError as e:
+            name = errno.errorcode.get(e.errno or 0, str(e.errno))
+            print(f"kvmmmu run: KVM_RUN failed on {where}: {name} ({e})", file=sys.stderr)
+            if args.backend == "sim" and device_available(args.device) is None:
+                print("  (the device runs it: kvmmmu run --backend dev)", file=sys.stderr)
+            return 1
+        try:
+            if args.dot and res.machine is not None:
+                path = dot.save(res.machine.vm.mmu.to_dot(), args.dot)
+                dot_note = f"shadow pages written to {path}"
+            else:
+                dot_note = ""
+        finally:
+            if res.machine is not None:
+                res.machine.vcpu.close()
+                res.machine.vm.close()
+    ok = bool(res.events) and res.events[-1].note == "the demo is done"
+    if not args.quiet:
+        print(f"kvmmmu run: the demo guest (long mode, 4-level paging) on {where}\n")
+        print("exits:")
+        for i, ev in enumerate(res.events, 1):
+            print(f"  {i:3} {ev}")
+        print()
+    print(
+        f"{len(res.events)} exits; guest exceptions: "
+        + (", ".join(map(str, res.reports)) or "none")
+    )
+    print("vCPU counters: " + " ".join(f"{k}={v}" for k, v in res.vcpu_stats.items()))
+    print("VM counters:   " + " ".join(f"{k}={v}" for k, v in res.vm_stats.items()))
+    print(
+        f"dirty pages of the data slot (slot {guest_demo.DATA_SLOT}, "
+        f"gpa {guest_demo.DATA_GPA:#x}): {res.dirty_pages}"
+    )
+    if not args.quiet:
+        ad = " ".join(f"{p}:{f or '-'}" for p, f in res.ad_bits.items())
+        print(f"A/D bits in the guest's PTEs of the data pages: {ad}")
+    if dot_note:
+        print(dot_note)
+    if not ok:
+        print("kvmmmu run: the demo did not finish as expected", file=sys.stderr)
+    return 0 if ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvmmmu", description=__doc__)
     sub = p.add_subparsers(dest="cmd")
-    d = sub.add_parser("demo", help="a guided tour on the simulator and the device (default)")
+    r = sub.add_parser("run", help="boot the demo guest and show its exits (the default)")
+    r.add_argument("--backend", choices=("sim", "dev"), default="sim")
+    r.add_argument("--device", default=DEFAULT_PATH, help="the device for --backend dev")
+    r.add_argument("--dot", default="", help="write the shadow pages (simulator): .dot/.svg/...")
+    r.add_argument("-q", "--quiet", action="store_true", help="only the summary")
+    d = sub.add_parser(
+        "demo", aliases=["tour"], help="a guided tour of the API on the simulator and the device"
+    )
     d.add_argument("--device", default=DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else "")
     d.add_argument("--no-device", dest="device", action="store_const", const="")
     c = sub.add_parser("caps", help="the capability list (simulator, or --device PATH)")
@@ -179,10 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     k.add_argument("--device", default=DEFAULT_PATH)
     k.add_argument("-v", "--verbose", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in {"demo", "caps", "conformance", "-h", "--help"}:
-        argv = ["demo", *argv]  # the tour is the default command
+    if not argv:
+        argv = ["run"]  # the demo guest is the main job
+    elif argv[0] in {"--device", "--no-device"}:
+        argv = ["demo", *argv]  # the tour's options alone: the tour, as before `run`
     args = p.parse_args(argv)
-    return {"demo": demo, "caps": caps, "conformance": conformance}[args.cmd](args)
+    commands = {"run": run, "demo": demo, "tour": demo, "caps": caps, "conformance": conformance}
+    return commands[args.cmd](args)
 
 
 if __name__ == "__main__":
