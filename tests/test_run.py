@@ -9,6 +9,8 @@ CODE in slot 0 (identity-mapped in long mode); MMIO is the gpa hole at MMIO_GPA.
 
 from __future__ import annotations
 
+import errno
+import random
 import struct
 import threading
 import time
@@ -207,11 +209,15 @@ def test_out(kvm: kvmmmu.Kvm, guests: list[Guest], mode: str) -> None:
         ],
     )
     g = make(kvm, guests, mode, code)
+    records = []
     for port, data in ((0x10, b"\x11"), (0x12, b"\x11\x22"), (0x14, b"\x11\x22\x33\x44")):
         e = g.run()
         assert e == ExitIo(port=port, size=len(data), count=1, is_write=True, data=data)
         assert e.value == int.from_bytes(data, "little")
+        records.append(e)
     assert isinstance(g.run(), ExitHlt)
+    # Owned copies: later exits did not change them.
+    assert [e.data for e in records] == [b"\x11", b"\x11\x22", b"\x11\x22\x33\x44"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -458,6 +464,36 @@ def test_kick_interrupts_a_running_vcpu(kvm: kvmmmu.Kvm, guests: list[Guest], ru
     g.vcpu.immediate_exit = False
 
 
+def test_kick_is_never_lost(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
+    """One kick at a random moment of a busy exit loop (OUT, run again) on a worker
+    thread always ends that loop with ExitIntr, wherever it lands: inside KVM_RUN,
+    between two runs, or while the exit is handled."""
+    code = asm(64, [label(out_imm(0x10, 1), 1), I.create_branch(Code.JMP_REL8_64, 1)])
+    g = make(kvm, guests, "lm64", code)
+    rng = random.Random(7)
+    for _ in range(30):
+        outcome: list[object] = []
+
+        def loop(outcome: list[object]) -> None:
+            try:
+                exits = 0
+                while not isinstance(e := g.run(), ExitIntr):
+                    assert isinstance(e, ExitIo), e
+                    exits += 1
+                outcome.append(exits)
+            except BaseException as exc:  # reported to the main thread
+                outcome.append(exc)
+
+        t = threading.Thread(target=loop, args=(outcome,))
+        t.start()
+        time.sleep(rng.random() * 0.002)
+        g.vcpu.kick()
+        t.join(10)
+        assert not t.is_alive(), "the kick was lost"
+        assert len(outcome) == 1 and isinstance(outcome[0], int), outcome
+        g.vcpu.immediate_exit = False
+
+
 # -- debug, errors, shutdown -------------------------------------------------------
 
 
@@ -483,6 +519,46 @@ def test_single_step(kvm: kvmmmu.Kvm, guests: list[Guest], mode: str) -> None:
     g.vcpu.set_guest_debug(enable=False)
     assert g.run() == ExitHlt()
     assert g.vcpu.get_regs().rax == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hw_breakpoint(kvm: kvmmmu.Kvm, guests: list[Guest], mode: str) -> None:
+    """KVM_GUESTDBG_USE_HW_BP with DR0 on an instruction: #DB exit before it, pc = DR0,
+    DR6.B0. KVM's check of userspace breakpoints before an emulated instruction ignores
+    RFLAGS.RF (only the guest's own DR7 honours it), so running again hits it again
+    until userspace removes the breakpoint."""
+    bits = 64 if mode == "lm64" else 32
+    g = make(kvm, guests, mode, asm(bits, [I.create(Code.NOPD)] * 3 + [hlt()]))
+    dr7 = 1 | 0x400  # L0, bit 10 (reserved, set)
+    g.vcpu.set_guest_debug(hw_bp=True, debugreg=[CODE + 2, 0, 0, 0, 0, 0, 0, dr7])
+    for _ in range(2):
+        e = g.run()
+        assert isinstance(e, ExitDebug)
+        assert (e.exception, e.pc, e.dr6 & 0xF) == (1, CODE + 2, 1)
+        assert g.rip == CODE + 2
+    r = g.vcpu.get_regs()
+    r.rflags |= 1 << 16  # RF
+    g.vcpu.set_regs(r)
+    assert isinstance(g.run(), ExitDebug)
+    g.vcpu.set_guest_debug(enable=False)
+    assert g.run() == ExitHlt()
+    assert g.rip == CODE + 4
+
+
+def test_run_errno(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
+    """Errnos other than EINTR raise: a vCPU in a VM without memory slots is ENOSPC
+    (exit_reason left at 0); a closed vCPU cannot run."""
+    vm = kvm.create_vm()
+    vcpu = vm.create_vcpu(0)
+    with pytest.raises(OSError) as err:
+        vcpu.run()
+    assert err.value.errno == errno.ENOSPC
+    assert vcpu.kvm_run.exit_reason == 0
+    vcpu.close()
+    with pytest.raises(ValueError):
+        vcpu.run()
+    vcpu.kick()  # harmless once closed
+    vm.close()
 
 
 def test_emulation_failure_insn_bytes(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
