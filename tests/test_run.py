@@ -33,7 +33,7 @@ from kvmmmu.exits import (
     ExitMmio,
     ExitShutdown,
 )
-from kvmmmu.guest.paging import P, PageTables, W
+from kvmmmu.guest.paging import P, PageTables, U, W
 
 MiB = 1 << 20
 RAM = 4 * MiB
@@ -362,6 +362,37 @@ def test_mmio_read_completes_on_reentry(kvm: kvmmmu.Kvm, guests: list[Guest], mo
     assert g.run() == ExitHlt()
     assert g.mem.read(DATA, 4) == b"\x78\x56\x34\x12"
     assert g.vcpu.get_regs().rax & 0xFFFF_FFFF == 0x12345678
+
+
+def test_mmio_at_cpl3(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
+    """64-bit CPL3 code (native on the device: #PF, then KVM emulates the access): the
+    same exits and RIPs as at CPL0, counted in the vCPU's mmio_exits."""
+    b = R.RBX
+    instrs = [
+        mov_rbx(64, MMIO_GPA),
+        I.create_reg_mem(Code.MOV_R32_RM32, R.EAX, M(b)),
+        I.create_mem_reg(Code.MOV_RM32_R32, M(b, displ=0x10), R.EAX),
+        I.create_mem_reg(Code.MOV_RM32_R32, M(b, displ=0x14), R.EAX),
+    ]
+    g = make(kvm, guests, "lm64", asm(64, instrs))
+    pt = PageTables(g.mem, "4-level", pool=TABLES + MiB, pool_size=MiB)
+    pt.map(0, 0, size=2 * MiB, flags=P | W | U)
+    pt.map(MMIO_GPA, MMIO_GPA, flags=P | W | U)
+    s = g.vcpu.get_sregs()
+    s.cr3 = pt.cr3
+    s.cs.selector, s.cs.dpl = 0x1B, 3
+    for seg in (s.ds, s.es, s.ss, s.fs, s.gs):
+        seg.selector, seg.dpl = 0x23, 3
+    g.vcpu.set_sregs(s)
+    before = g.vcpu.stats()["mmio_exits"]
+    assert g.run() == ExitMmio(phys_addr=MMIO_GPA, data=bytes(4), is_write=False)
+    load = CODE + insn_len(64, instrs[0])
+    assert g.rip == load
+    g.vcpu.complete_mmio_read(b"\x01\x02\x03\x04")
+    assert g.run() == ExitMmio(phys_addr=MMIO_GPA + 0x10, data=b"\x01\x02\x03\x04", is_write=True)
+    assert g.rip == load + insn_len(64, instrs[1]) + insn_len(64, instrs[2])
+    assert g.run() == ExitMmio(phys_addr=MMIO_GPA + 0x14, data=b"\x01\x02\x03\x04", is_write=True)
+    assert g.vcpu.stats()["mmio_exits"] - before == 3
 
 
 @pytest.mark.parametrize("mode", MODES)
