@@ -455,10 +455,18 @@ def test_kick_before_run(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
     assert g.run() == ExitHlt()
 
 
+def needs_running_kick(kvm: kvmmmu.Kvm) -> None:
+    """A kick reaches a simulated vCPU inside KVM_RUN through the core's kick; without
+    it the test would hang, so it is not run (TEMPORARY, until it lands)."""
+    if isinstance(kvm.transport, kvmmmu.SimTransport) and not hasattr(kvm.transport.core, "kick"):
+        pytest.xfail("the simulator's kick (Vcpu::kick) has not landed")
+
+
 @pytest.mark.parametrize("runner", ["worker", "main"])
 def test_kick_interrupts_a_running_vcpu(kvm: kvmmmu.Kvm, guests: list[Guest], runner: str) -> None:
     """An endless loop is stopped by a kick from another thread: the vCPU running on a
     worker thread and kicked from the main thread, or the reverse."""
+    needs_running_kick(kvm)
     g = make(kvm, guests, "lm64", asm(64, [jmp_self(64)]))
     result: list[Exit | BaseException] = []
 
@@ -477,14 +485,14 @@ def test_kick_interrupts_a_running_vcpu(kvm: kvmmmu.Kvm, guests: list[Guest], ru
     done = threading.Event()
     start = time.monotonic()
     if runner == "worker":
-        t = threading.Thread(target=lambda: (run(), done.set()))
+        t = threading.Thread(target=lambda: (run(), done.set()), daemon=True)
         t.start()
         time.sleep(0.1)
         assert t.is_alive(), result  # the guest really loops
         kick_until_done(done)
         t.join(10)
     else:
-        t = threading.Thread(target=kick_until_done, args=(done,))
+        t = threading.Thread(target=kick_until_done, args=(done,), daemon=True)
         t.start()
         run()
         done.set()
@@ -499,6 +507,7 @@ def test_kick_is_never_lost(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
     """One kick at a random moment of a busy exit loop (OUT, run again) on a worker
     thread always ends that loop with ExitIntr, wherever it lands: inside KVM_RUN,
     between two runs, or while the exit is handled."""
+    needs_running_kick(kvm)
     code = asm(64, [label(out_imm(0x10, 1), 1), I.create_branch(Code.JMP_REL8_64, 1)])
     g = make(kvm, guests, "lm64", code)
     rng = random.Random(7)
@@ -515,7 +524,7 @@ def test_kick_is_never_lost(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
             except BaseException as exc:  # reported to the main thread
                 outcome.append(exc)
 
-        t = threading.Thread(target=loop, args=(outcome,))
+        t = threading.Thread(target=loop, args=(outcome,), daemon=True)
         t.start()
         time.sleep(rng.random() * 0.002)
         g.vcpu.kick()
