@@ -267,6 +267,9 @@ class Guest:
         for s in self.slots:
             vm.set_user_memory_region(s.slot, s.gpa, s.mem.size, s.mem, s.flags)
         vcpu = vm.create_vcpu(0)
+        if self.mode == "lm57":
+            # CR4.LA57 needs it in the guest CPUID (a fresh vCPU has an empty table)
+            vcpu.set_cpuid2(kvm.get_supported_cpuid())
         vcpu.set_sregs(self.sregs(vcpu.get_sregs(), cpl))
         regs = vcpu.get_regs()
         rip = self.labels[entry] if isinstance(entry, str) else entry
