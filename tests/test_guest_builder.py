@@ -282,13 +282,14 @@ def test_report_parsing() -> None:
 def run_to_report(m: Machine) -> tuple[list[exits.Exit], ExceptionReport | None]:
     seen: list[exits.Exit] = []
     values: dict[int, int] = {}
+    report = m.guest.report
     for _ in range(50):
         e = m.vcpu.run()
         seen.append(e)
-        if isinstance(e, exits.ExitMmio) and REPORT <= e.phys_addr < REPORT + 32:
+        if isinstance(e, exits.ExitMmio) and report <= e.phys_addr < report + 32:
             values[e.phys_addr] = e.value
         elif isinstance(e, exits.ExitHlt):
-            return seen, parse_report(values, REPORT) if values else None
+            return seen, parse_report(values, report) if values else None
         elif not isinstance(e, exits.ExitIo | exits.ExitMmio):
             break
     return seen, None
@@ -371,5 +372,43 @@ def test_page_fault_sets_no_ad_and_success_sets_them(backend: str) -> None:
         assert leaf is not None
         assert g.pt.read(leaf[1]) & (A | D) == A | D
         assert g.read(0x20_5000, 8) == (5).to_bytes(8, "little")
+        m.vcpu.close()
+        m.vm.close()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("sim", marks=SIM_RUN), "dev"])
+@pytest.mark.parametrize("mode", ["real", "pm32", "pg32", "pae", "lm57"])
+def test_stub_reports_ud_in_other_modes(backend: str, mode: str) -> None:
+    """The 16- and 32-bit stubs (IVT / 32-bit IDT) report like the 64-bit ones, with
+    2- or 4-byte stores at the same offsets."""
+    if backend == "dev" and mode not in DEVICE_MODES:
+        pytest.skip(f"{mode} does not run on this device")
+    g = Guest(mode)
+    g.asm.mov(x.al, 0x42)
+    g.asm.out(0x80, x.al)
+    g.asm.label("fault")
+    g.asm.ud2()
+    with backend_kvm(backend) as kvm:
+        m = g.boot(kvm)
+        seen, rep = run_to_report(m)
+        assert str(seen[0]) == "IO out port=0x80 size=1 data=42"
+        width = {16: 2, 32: 4, 64: 8}[g.bitness]
+        writes = [e for e in seen if isinstance(e, exits.ExitMmio)]
+        assert [e.len for e in writes] == [width, 4 if width == 2 else width, width, width]
+        assert rep == ExceptionReport(6, 0, 0, g.labels["fault"])
+        m.host_iret(rip="fault")
+        assert m.vcpu.get_regs().rip == g.labels["fault"]
+        m.vcpu.close()
+        m.vm.close()
+
+
+@pytest.mark.parametrize("mode", ["pg32", "pae"])
+def test_device_refuses_paging_without_long_mode(mode: str) -> None:
+    """A device fact the builder documents: SET_SREGS takes CR0.PG without long mode,
+    drops PG, and the first KVM_RUN shuts down (reference section 2)."""
+    with make_kvm("dev") as kvm:
+        m = Guest(mode).boot(kvm)
+        assert not m.vcpu.get_sregs().cr0 & 0x8000_0000
+        assert isinstance(m.vcpu.run(), exits.ExitShutdown)
         m.vcpu.close()
         m.vm.close()

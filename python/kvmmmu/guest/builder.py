@@ -9,9 +9,10 @@ a program, and the register state that starts it, for every x86 mode.
     exit = m.vcpu.run()
 
 Modes: ``real`` (16-bit, IVT), ``pm32`` (no paging), ``pg32`` (32-bit paging, CR4.PSE),
-``pae``, ``lm64`` (4-level) and ``lm57`` (5-level, CR4.LA57). Only ``lm64`` and ``pm32``
-run on this machine's /dev/kvm (DEVICE_MODES: it drops CR0.PG without long mode and
-lacks LA57); the others are for the simulator.
+``pae``, ``lm64`` (4-level) and ``lm57`` (5-level, CR4.LA57). ``real``, ``pm32`` and
+``lm64`` run on this machine's /dev/kvm (DEVICE_MODES); it drops CR0.PG without long
+mode (the first KVM_RUN of ``pg32`` or ``pae`` is KVM_EXIT_SHUTDOWN) and lacks LA57,
+so those are for the simulator.
 
 The low memory slot (slot 0) holds everything at fixed gpas, identity-mapped in every
 paging mode with P|W|U pages:
@@ -49,7 +50,7 @@ MODES: dict[str, tuple[int, str | None]] = {
     "lm64": (64, "4-level"),
     "lm57": (64, "5-level"),
 }
-DEVICE_MODES = frozenset({"pm32", "lm64"})
+DEVICE_MODES = frozenset({"real", "pm32", "lm64"})
 
 GDT, IDT, TSS, STUBS, CODE = 0x1000, 0x2000, 0x3000, 0x4000, 0x8000
 KSTACK_TOP, USTACK_TOP, IST1_TOP = 0x7F000, 0x6F000, 0x5F000
