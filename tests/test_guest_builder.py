@@ -16,6 +16,7 @@ import kvmmmu
 from kvmmmu import exits
 from kvmmmu.guest import asm as x
 from kvmmmu.guest import layout as L
+from kvmmmu.guest import programs
 from kvmmmu.guest.asm import Asm, AsmError
 from kvmmmu.guest.builder import (
     CODE,
@@ -412,3 +413,51 @@ def test_device_refuses_paging_without_long_mode(mode: str) -> None:
         assert isinstance(m.vcpu.run(), exits.ExitShutdown)
         m.vcpu.close()
         m.vm.close()
+
+
+# -- small programs -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", [pytest.param("sim", marks=SIM_RUN), "dev"])
+@pytest.mark.parametrize(("mode", "cpl"), [("lm64", 0), ("lm64", 3), ("pm32", 0)])
+def test_compute_loop(backend: str, mode: str, cpl: int) -> None:
+    g = Guest(mode)
+    programs.compute_loop(g, 500, cpl=cpl)
+    with backend_kvm(backend) as kvm:
+        m = g.boot(kvm, cpl=cpl)
+        e = m.vcpu.run()
+        if cpl == 3:
+            assert isinstance(e, exits.ExitMmio) and e.phys_addr == programs.DONE_GPA
+        else:
+            assert isinstance(e, exits.ExitHlt)
+        assert m.vcpu.get_regs().rax == programs.compute_loop_result(500, g.bitness)
+        m.vcpu.close()
+        m.vm.close()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("sim", marks=SIM_RUN), "dev"])
+@pytest.mark.parametrize("cpl", [0, 3])
+def test_touch_pages_and_exit_loop(backend: str, cpl: int) -> None:
+    g = Guest("lm64")
+    g.add_slot(1, 0x100_0000, 64 * 4096, kvmmmu.KVM_MEM_LOG_DIRTY_PAGES)
+    programs.touch_pages(g, 0x4000_0000, 0x100_0000 + 8 * 4096, 16, value=0x77, cpl=cpl)
+    g2 = Guest("lm64")
+    programs.exit_loop(g2, 5, cpl=cpl)
+    with backend_kvm(backend) as kvm:
+        m = g.boot(kvm, cpl=cpl)
+        e = m.vcpu.run()
+        assert isinstance(e, exits.ExitMmio if cpl else exits.ExitHlt), str(e)
+        assert list(kvmmmu.dirty.pages(m.vm.get_dirty_log(1))) == list(range(8, 24))
+        assert g.read(0x100_0000 + 23 * 4096, 8) == (0x77).to_bytes(8, "little")
+        if cpl == 3:  # natively, through the shadow MMU: one fixed fault per page
+            assert m.vcpu.stats()["pf_fixed"] >= 16
+        m.vcpu.close()
+        m.vm.close()
+        m2 = g2.boot(kvm, cpl=cpl)
+        values = []
+        while isinstance(e := m2.vcpu.run(), exits.ExitMmio) and e.phys_addr == programs.EXIT_GPA:
+            values.append(e.value)
+        assert values == [5, 4, 3, 2, 1]
+        assert isinstance(e, exits.ExitMmio if cpl else exits.ExitHlt), str(e)
+        m2.vcpu.close()
+        m2.vm.close()

@@ -1,7 +1,8 @@
 """Builders for guest state and guest programs: an assembler over iced-x86
 (:mod:`.asm`), page tables for every paging mode (:mod:`.paging`), GDT/IDT/TSS
 (:mod:`.layout`), exception stubs that report through MMIO (:mod:`.stubs`), a
-whole bootable guest (:mod:`.builder`) and the bundled demo (:mod:`.demo`)."""
+whole bootable guest (:mod:`.builder`), small programs for tests and benchmarks
+(:mod:`.programs`) and the bundled demo (:mod:`.demo`)."""
 
 from .asm import Asm, AsmError
 from .builder import DEVICE_MODES, Guest, Machine
