@@ -296,6 +296,90 @@ impl TestGuest {
             .map_err(|_| crate::errno::Errno::EINVAL)
     }
 
+    /// Flat 4 GiB segments at privilege `cpl` for the vCPU's mode (64-bit code in
+    /// long mode), with a GDT-less selector layout: CS 0x08/0x1b, data 0x10/0x23.
+    pub fn flat_segments(&self, cpl: u8) {
+        let long = self.mode.is_long();
+        let mut st = self.vcpu.state();
+        let (cs_sel, ds_sel) = if cpl == 3 { (0x1b, 0x23) } else { (0x08, 0x10) };
+        let data = crate::uapi::kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: ds_sel,
+            type_: 3,
+            present: 1,
+            dpl: cpl,
+            db: 1,
+            s: 1,
+            l: 0,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        let s = &mut st.sregs;
+        s.cs = crate::uapi::kvm_segment {
+            selector: cs_sel,
+            type_: 11,
+            db: u8::from(!long),
+            l: u8::from(long),
+            ..data
+        };
+        (s.ds, s.es, s.ss, s.fs, s.gs) = (data, data, data, data, data);
+    }
+
+    /// Copy `bytes` into guest memory at `gpa` (host side).
+    pub fn write_bytes(&self, gpa: u64, bytes: &[u8]) {
+        self.host
+            .write(gpa as usize, bytes)
+            .expect("inside guest memory");
+    }
+
+    /// Read `n` bytes of guest memory at `gpa` (host side).
+    pub fn read_bytes(&self, gpa: u64, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        self.host
+            .read(gpa as usize, &mut b)
+            .expect("inside guest memory");
+        b
+    }
+
+    /// Assemble with iced-x86's CodeAssembler for `bitness` at `ip`.
+    pub fn assemble(
+        bitness: u32,
+        ip: u64,
+        f: impl FnOnce(
+            &mut iced_x86::code_asm::CodeAssembler,
+        ) -> std::result::Result<(), iced_x86::IcedError>,
+    ) -> Vec<u8> {
+        let mut a = iced_x86::code_asm::CodeAssembler::new(bitness).expect("bitness");
+        f(&mut a).expect("assembles");
+        a.assemble(ip).expect("assembles")
+    }
+
+    /// KVM_RUN: the ioctl's result and kvm_run's exit_reason.
+    pub fn run(&self) -> (Result<i64>, u32) {
+        let r = self.vcpu.run();
+        let mut b = [0u8; 4];
+        let _ = self
+            .vcpu
+            .run_area()
+            .read(crate::uapi::run_off::EXIT_REASON, &mut b);
+        (r, u32::from_le_bytes(b))
+    }
+
+    /// Bytes of the kvm_run area (the exit union starts at 32).
+    pub fn run_bytes(&self, off: usize, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        let _ = self.vcpu.run_area().read(off, &mut b);
+        b
+    }
+
+    /// Write bytes into the kvm_run area (userspace's side of an exit).
+    pub fn put_run_bytes(&self, off: usize, b: &[u8]) {
+        let _ = self.vcpu.run_area().write(off, b);
+    }
+
     pub fn audit(&self) -> std::result::Result<(), String> {
         self.vm.audit()
     }

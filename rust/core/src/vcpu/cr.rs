@@ -3,7 +3,7 @@
 //! kvm_set_cr3, kvm_set_cr4 and set_efer (x86.c). The interpreter and the
 //! trace-driven API use these; KVM_SET_SREGS has its own, laxer rules (sregs.rs).
 
-use crate::paging::WalkError;
+use crate::paging::{GuestMem, WalkError};
 
 use super::sregs::{
     check_cr0, check_cr3_long_mode, check_cr4, CR0_CD, CR0_ET, CR0_NW, CR0_PG, CR4_LA57, CR4_PAE,
@@ -45,11 +45,62 @@ impl VcpuState {
 }
 
 impl Vcpu {
+    /// MOV to CR3 ([`VcpuState::set_cr3`] with this vCPU's VM as guest memory).
+    pub fn mov_cr3(&self, cr3: u64) -> Result<Cr3Write, WalkError> {
+        self.with_state_and_mem(|st, mem| st.set_cr3(mem, cr3))
+    }
+
+    /// MOV to CR0 ([`VcpuState::set_cr0`]); returns the old CR0.
+    pub fn mov_cr0(&self, cr0: u64) -> Result<u64, WalkError> {
+        self.with_state_and_mem(|st, mem| st.set_cr0(mem, cr0))
+    }
+
+    /// MOV to CR4 ([`VcpuState::set_cr4`]); returns the old CR4.
+    pub fn mov_cr4(&self, cr4: u64) -> Result<u64, WalkError> {
+        self.with_state_and_mem(|st, mem| st.set_cr4(mem, cr4))
+    }
+
+    /// WRMSR IA32_EFER ([`VcpuState::set_efer`]); returns the old EFER.
+    pub fn wrmsr_efer(&self, efer: u64) -> Result<u64, WalkError> {
+        self.state().set_efer(efer)
+    }
+
+    /// Lock the vCPU, then its VM's memslots (no VM: no guest memory).
+    fn with_state_and_mem<T>(&self, f: impl FnOnce(&mut VcpuState, &dyn GuestMem) -> T) -> T {
+        let vm = self.vm();
+        let mut st = self.state();
+        match vm {
+            Some(vm) => {
+                let vmg = vm.state();
+                f(&mut st, &vmg.memslots)
+            }
+            None => f(&mut st, &NoMem),
+        }
+    }
+}
+
+/// Guest memory of a VM that is gone: nothing is readable.
+struct NoMem;
+impl GuestMem for NoMem {
+    fn read(&self, _gpa: u64, _buf: &mut [u8]) -> bool {
+        false
+    }
+    fn cmpxchg(&self, _: u64, _: usize, _: u64, _: u64) -> std::result::Result<bool, ()> {
+        Err(())
+    }
+}
+
+impl VcpuState {
+    /// The PDPTEs at `cr3` for this vCPU's MAXPHYADDR (None: unreadable or reserved bits).
+    fn pdptrs_at(&self, mem: &dyn GuestMem, cr3: u64) -> Option<[u64; 4]> {
+        super::mmu::load_pdptrs(mem, cr3, self.features.maxphyaddr)
+    }
+
     /// MOV to CR3 (kvm_set_cr3): #GP for bits at or above MAXPHYADDR, or in PAE paging
     /// for an invalid PDPTE; the PDPTEs are always reloaded in PAE paging. Returns what
     /// the MMU needs to switch roots and flush.
-    pub fn mov_cr3(&self, cr3: u64) -> Result<Cr3Write, WalkError> {
-        let mut st = self.state();
+    pub fn set_cr3(&mut self, mem: &dyn GuestMem, cr3: u64) -> Result<Cr3Write, WalkError> {
+        let st = self;
         let pcide = st.sregs.cr4 & CR4_PCIDE != 0;
         let (cr3, noflush) = if pcide {
             (cr3 & !CR3_PCID_NOFLUSH, cr3 & CR3_PCID_NOFLUSH != 0)
@@ -70,7 +121,7 @@ impl Vcpu {
             return Err(GP);
         }
         if st.is_pae_paging() {
-            let pdptrs = self.load_pdptrs_for(&st, cr3).ok_or(GP)?;
+            let pdptrs = st.pdptrs_at(mem, cr3).ok_or(GP)?;
             st.pdptrs = pdptrs;
         }
         st.sregs.cr3 = cr3;
@@ -79,8 +130,8 @@ impl Vcpu {
 
     /// MOV to CR0 (kvm_set_cr0).
     /// Returns the old CR0.
-    pub fn mov_cr0(&self, cr0: u64) -> Result<u64, WalkError> {
-        let mut st = self.state();
+    pub fn set_cr0(&mut self, mem: &dyn GuestMem, cr0: u64) -> Result<u64, WalkError> {
+        let st = self;
         let old = st.sregs.cr0;
         let cr0 = cr0 | CR0_ET;
         if check_cr0(cr0).is_err() {
@@ -100,7 +151,7 @@ impl Vcpu {
             && st.sregs.cr4 & CR4_PAE != 0
             && (cr0 ^ old) & CR0_PDPTR_BITS != 0
         {
-            pdptrs = Some(self.load_pdptrs_for(&st, st.sregs.cr3).ok_or(GP)?);
+            pdptrs = Some(st.pdptrs_at(mem, st.sregs.cr3).ok_or(GP)?);
         }
         if cr0 & CR0_PG == 0 && (st.is_64_bit_mode() || st.sregs.cr4 & CR4_PCIDE != 0) {
             return Err(GP);
@@ -122,8 +173,8 @@ impl Vcpu {
 
     /// MOV to CR4 (kvm_set_cr4).
     /// Returns the old CR4.
-    pub fn mov_cr4(&self, cr4: u64) -> Result<u64, WalkError> {
-        let mut st = self.state();
+    pub fn set_cr4(&mut self, mem: &dyn GuestMem, cr4: u64) -> Result<u64, WalkError> {
+        let st = self;
         let old = st.sregs.cr4;
         if check_cr4(&st.features, cr4).is_err() {
             return Err(GP);
@@ -134,7 +185,7 @@ impl Vcpu {
                 return Err(GP);
             }
         } else if st.is_paging() && cr4 & CR4_PAE != 0 && (cr4 ^ old) & CR4_PDPTR_BITS != 0 {
-            pdptrs = Some(self.load_pdptrs_for(&st, st.sregs.cr3).ok_or(GP)?);
+            pdptrs = Some(st.pdptrs_at(mem, st.sregs.cr3).ok_or(GP)?);
         }
         if cr4 & CR4_PCIDE != 0
             && old & CR4_PCIDE == 0
@@ -152,8 +203,8 @@ impl Vcpu {
     /// WRMSR IA32_EFER (set_efer): reserved bits and LME changes while paging are
     /// #GP; LMA is read-only (it follows CR0.PG).
     /// Returns the old EFER.
-    pub fn wrmsr_efer(&self, efer: u64) -> Result<u64, WalkError> {
-        let mut st = self.state();
+    pub fn set_efer(&mut self, efer: u64) -> Result<u64, WalkError> {
+        let st = self;
         let f = st.features;
         let mut allowed = EFER_SCE | EFER_LMA;
         if f.lm {

@@ -167,7 +167,7 @@ impl Vcpu {
         Ok(f(&mut session))
     }
 
-    fn access_locked(
+    pub(crate) fn access_locked(
         &self,
         st: &mut VcpuState,
         vmg: &mut VmState,
@@ -175,6 +175,23 @@ impl Vcpu {
         buf: &mut [u8],
         kind: AccessKind,
         page_table_writing: bool,
+    ) -> Result<AccessOutcome> {
+        let mut gpa = 0;
+        self.access_locked_gpa(st, vmg, gva, buf, kind, page_table_writing, &mut gpa)
+    }
+
+    /// [`Vcpu::access_locked`] that also gives the gpa of the last page it reached
+    /// (the interpreter's instruction fetch caches it).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn access_locked_gpa(
+        &self,
+        st: &mut VcpuState,
+        vmg: &mut VmState,
+        gva: u64,
+        buf: &mut [u8],
+        kind: AccessKind,
+        page_table_writing: bool,
+        gpa_out: &mut u64,
     ) -> Result<AccessOutcome> {
         if self.dirty_ring.as_ref().is_some_and(|r| r.soft_full()) {
             return Ok(AccessOutcome::DirtyRingFull);
@@ -201,7 +218,16 @@ impl Vcpu {
             };
             let n = (buf.len() - done).min(4096 - (addr & 0xfff) as usize);
             let chunk = &mut buf[done..done + n];
-            match self.access_page(st, vmg, &cpu, addr, chunk, kind, page_table_writing)? {
+            match self.access_page(
+                st,
+                vmg,
+                &cpu,
+                addr,
+                chunk,
+                kind,
+                page_table_writing,
+                gpa_out,
+            )? {
                 AccessOutcome::Done => done += n,
                 other => return Ok(other),
             }
@@ -219,6 +245,7 @@ impl Vcpu {
         buf: &mut [u8],
         kind: AccessKind,
         page_table_writing: bool,
+        gpa_out: &mut u64,
     ) -> Result<AccessOutcome> {
         let VcpuState {
             mmu: ctx, sregs, ..
@@ -238,10 +265,11 @@ impl Vcpu {
             };
             ctx.enter(&mut env, cpu)?;
             if env.tdp {
-                return tdp_access(&mut env, ctx, sregs, addr, buf, kind);
+                return tdp_access(&mut env, ctx, sregs, addr, buf, kind, gpa_out);
             }
             let error_code = match tlb_lookup(env.mmu, ctx, cpu, addr, kind) {
                 Ok(gpa) => {
+                    *gpa_out = gpa;
                     if data_access(vmg, gpa, buf, kind.write) {
                         return Ok(AccessOutcome::Done);
                     }
@@ -283,6 +311,7 @@ impl Vcpu {
                         addr,
                         buf,
                         kind,
+                        gpa_out,
                     ));
                 }
             }
@@ -315,11 +344,21 @@ impl Vcpu {
     ) -> Result<T> {
         let vm = self.vm().ok_or(Errno::EIO)?;
         let mut st = self.state();
-        let cpu = st.walk_ctx();
         let mut vmg = vm.state();
+        self.with_mmu_locked(&mut st, &mut vmg, f)
+    }
+
+    /// [`Vcpu::with_mmu`] on state the caller has locked (the interpreter).
+    pub(crate) fn with_mmu_locked<T>(
+        &self,
+        st: &mut VcpuState,
+        vmg: &mut VmState,
+        f: impl FnOnce(&mut KvmMmu, &mut MmuEnv<'_>, &WalkCtx) -> Result<T>,
+    ) -> Result<T> {
+        let cpu = st.walk_ctx();
         let VmState {
             mmu, memslots, tdp, ..
-        } = &mut *vmg;
+        } = vmg;
         let mut env = MmuEnv {
             mmu,
             slots: memslots,
@@ -345,14 +384,28 @@ impl Vcpu {
         reg: ControlReg,
         value: u64,
     ) -> Result<std::result::Result<(), WalkError>> {
+        let vm = self.vm().ok_or(Errno::EIO)?;
+        let mut st = self.state();
+        let mut vmg = vm.state();
+        self.write_control_locked(&mut st, &mut vmg, reg, value)
+    }
+
+    /// [`Vcpu::guest_write_control`] on state the caller has locked (the interpreter).
+    pub(crate) fn write_control_locked(
+        &self,
+        st: &mut VcpuState,
+        vmg: &mut VmState,
+        reg: ControlReg,
+        value: u64,
+    ) -> Result<std::result::Result<(), WalkError>> {
         match reg {
             ControlReg::Cr0 => {
-                let old = match self.mov_cr0(value) {
+                let old = match st.set_cr0(&vmg.memslots, value) {
                     Ok(o) => o,
                     Err(e) => return Ok(Err(e)),
                 };
-                let new = self.state().sregs.cr0;
-                self.with_mmu(|ctx, env, cpu| {
+                let new = st.sregs.cr0;
+                self.with_mmu_locked(st, vmg, |ctx, env, cpu| {
                     if (new ^ old) & CR0_PG != 0 && new & CR0_PG == 0 {
                         ctx.req_flush_guest = true;
                     }
@@ -363,22 +416,22 @@ impl Vcpu {
                 })?;
             }
             ControlReg::Cr3 => {
-                let w: Cr3Write = match self.mov_cr3(value) {
+                let w: Cr3Write = match st.set_cr3(&vmg.memslots, value) {
                     Ok(w) => w,
                     Err(e) => return Ok(Err(e)),
                 };
-                self.with_mmu(|ctx, env, _| {
+                self.with_mmu_locked(st, vmg, |ctx, env, _| {
                     ctx.set_cr3(env.mmu, w.old, w.new, w.pcide, w.noflush);
                     Ok(())
                 })?;
             }
             ControlReg::Cr4 => {
-                let old = match self.mov_cr4(value) {
+                let old = match st.set_cr4(&vmg.memslots, value) {
                     Ok(o) => o,
                     Err(e) => return Ok(Err(e)),
                 };
-                let new = self.state().sregs.cr4;
-                self.with_mmu(|ctx, env, cpu| {
+                let new = st.sregs.cr4;
+                self.with_mmu_locked(st, vmg, |ctx, env, cpu| {
                     if (new ^ old) & CR4_ROLE_BITS != 0 {
                         ctx.reset_context(env, cpu);
                     }
@@ -393,12 +446,12 @@ impl Vcpu {
                 })?;
             }
             ControlReg::Efer => {
-                let old = match self.wrmsr_efer(value) {
+                let old = match st.set_efer(value) {
                     Ok(o) => o,
                     Err(e) => return Ok(Err(e)),
                 };
-                let new = self.state().sregs.efer;
-                self.with_mmu(|ctx, env, cpu| {
+                let new = st.sregs.efer;
+                self.with_mmu_locked(st, vmg, |ctx, env, cpu| {
                     if (new ^ old) & EFER_ROLE_BITS != 0 {
                         ctx.reset_context(env, cpu);
                     }
@@ -423,6 +476,7 @@ fn tdp_access(
     addr: u64,
     buf: &mut [u8],
     kind: AccessKind,
+    gpa_out: &mut u64,
 ) -> Result<AccessOutcome> {
     let walk = match ctx
         .guest
@@ -436,6 +490,7 @@ fn tdp_access(
             return Ok(AccessOutcome::Fault(e));
         }
     };
+    *gpa_out = walk.gpa;
     let skip = usize::from(ctx.guest.mode == PagingMode::Pae);
     for &(_, gpa, _) in &walk.gptes[skip..] {
         if let Some(out) = tdp_translate(env, ctx, gpa, false)? {
@@ -527,6 +582,7 @@ fn emulate_access(
     addr: u64,
     buf: &mut [u8],
     kind: AccessKind,
+    gpa_out: &mut u64,
 ) -> AccessOutcome {
     let walk = match ctx.guest.walk_no_canonical_check(
         &LoggedMem {
@@ -545,6 +601,7 @@ fn emulate_access(
         }
     };
     let gpa = walk.gpa;
+    *gpa_out = gpa;
     if !data_access(vmg, gpa, buf, kind.write) {
         return AccessOutcome::Mmio { gpa };
     }

@@ -2,11 +2,13 @@
 
 pub mod cr;
 pub mod debugregs;
+pub mod emulate;
 pub mod events;
 pub mod guest_ops;
 pub mod mmu;
 pub mod mp_state;
 pub mod msr;
+pub mod run;
 pub mod sregs;
 
 use std::os::fd::{AsFd, OwnedFd};
@@ -109,6 +111,11 @@ pub struct Vcpu {
     pub stats: crate::stats::StatsFile,
     /// The dirty ring, when the VM enabled KVM_CAP_DIRTY_LOG_RING before this vCPU.
     pub dirty_ring: Option<crate::dirty_ring::DirtyRing>,
+    /// The interpreter's state (decode cache, reads awaiting userspace); held for
+    /// the whole of KVM_RUN, as KVM holds vcpu->mutex.
+    emu: Mutex<emulate::EmuState>,
+    /// Set by [`Vcpu::kick`]: the run loop returns EINTR at its next batch boundary.
+    kick: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -157,6 +164,8 @@ impl Vcpu {
             memfd,
             stats,
             dirty_ring,
+            emu: Mutex::new(emulate::EmuState::default()),
+            kick: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -272,7 +281,8 @@ impl Vcpu {
                 let _cap: uapi::kvm_enable_cap = read_struct(ua, arg)?;
                 Err(Errno::EINVAL)
             }
-            _ => events::ioctl(self, request, arg, ua)
+            _ => run::ioctl(self, request, arg, ua)
+                .or_else(|| events::ioctl(self, request, arg, ua))
                 .or_else(|| mmu::ioctl(self, request, arg, ua))
                 .or_else(|| debugregs::ioctl(self, request, arg, ua))
                 .or_else(|| mp_state::ioctl(self, request, arg, ua))

@@ -1,0 +1,218 @@
+//! Instruction fetch and the decoded-instruction cache.
+//!
+//! A fetch translates the code page through the MMU (kind.fetch) and reads the
+//! bytes from the memslot's host memory. The translation of the current code page
+//! is cached until anything could change it: a page fault handled by KVM (pf_taken
+//! moves), any instruction that touches control state, or a new batch (the VM lock
+//! was dropped). Decoded instructions are cached by RIP and checked against the
+//! code's gpa, the code size and the bytes now in memory, so self-modifying code,
+//! host writes and remapped pages are always seen.
+
+use std::sync::Arc;
+
+use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
+
+use super::{exc_ec, gp0, vector, Cpu, Exit, Stop, R};
+use crate::hostmem::HostRegion;
+use crate::stats::VcpuStat;
+use crate::vcpu::guest_ops::{AccessKind, AccessOutcome};
+
+const CACHE_SLOTS: usize = 4096;
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    rip: u64,
+    gpa: u64,
+    bits: u32,
+    len: u8,
+    bytes: [u8; 15],
+    ins: Instruction,
+}
+
+/// The translation of the code page last fetched from.
+#[derive(Clone, Debug)]
+struct CodePage {
+    lin_page: u64,
+    gpa_page: u64,
+    user: bool,
+    pf_taken: u64,
+    host: Arc<HostRegion>,
+    host_off: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct DecodeCache {
+    slots: Vec<Option<Entry>>,
+    code: Option<CodePage>,
+}
+
+impl DecodeCache {
+    /// Forget the cached code translation (not the decoded instructions, which
+    /// are checked against memory on every use).
+    pub fn invalidate_code(&mut self) {
+        self.code = None;
+    }
+
+    fn slot(rip: u64) -> usize {
+        ((rip ^ (rip >> 12)) as usize) & (CACHE_SLOTS - 1)
+    }
+}
+
+impl Cpu<'_> {
+    fn fetch_kind(&self) -> AccessKind {
+        AccessKind {
+            write: false,
+            fetch: true,
+            user: self.cpl() == 3,
+            implicit: false,
+        }
+    }
+
+    /// Translate the code page holding `lin` and cache it; the fetch goes through
+    /// the MMU (faults, A bits, the SPTE as TLB). A fetch from no memory is an
+    /// emulation failure, as on KVM.
+    fn code_page(&mut self, lin: u64) -> R<()> {
+        let kind = self.fetch_kind();
+        let lin_page = lin & !0xfff;
+        let pf_taken = self.vcpu.stats.get(VcpuStat::PfTaken as usize);
+        if let Some(c) = &self.emu.decode.code {
+            if c.lin_page == lin_page && c.user == kind.user && c.pf_taken == pf_taken {
+                return Ok(());
+            }
+        }
+        let mut b = [0u8; 1];
+        let mut gpa = 0;
+        let out = self
+            .vcpu
+            .access_locked_gpa(self.st, self.vm, lin, &mut b, kind, true, &mut gpa)?;
+        match out {
+            AccessOutcome::Done => {}
+            AccessOutcome::Mmio { .. } => return Err(self.emulation_failure()),
+            AccessOutcome::Fault(e) => return Err(super::walk_fault(e)),
+            AccessOutcome::DirtyRingFull => return Err(Stop::Exit(Exit::DirtyRingFull)),
+        }
+        let gfn = gpa >> 12;
+        let Some(slot) = self.vm.memslots.lookup(gfn) else {
+            return Err(self.emulation_failure());
+        };
+        let host_off = slot.host_offset + ((gfn - slot.base_gfn) << 12) as usize;
+        let host = slot.host.clone();
+        // The translation may have taken a fault: read the counter again.
+        let pf_taken = self.vcpu.stats.get(VcpuStat::PfTaken as usize);
+        self.emu.decode.code = Some(CodePage {
+            lin_page,
+            gpa_page: gpa & !0xfff,
+            user: kind.user,
+            pf_taken,
+            host,
+            host_off,
+        });
+        Ok(())
+    }
+
+    pub fn emulation_failure(&self) -> Stop {
+        Stop::Exit(Exit::Emulation {
+            bytes: self.insn_bytes,
+            len: self.insn_fetched,
+        })
+    }
+
+    /// Read up to the end of the code page at `lin` into `out`; returns the count.
+    fn read_code(&mut self, lin: u64, out: &mut [u8]) -> R<(usize, u64)> {
+        self.code_page(lin)?;
+        let Some(c) = &self.emu.decode.code else {
+            return Err(Stop::Err(crate::errno::Errno::EFAULT));
+        };
+        let off = (lin & 0xfff) as usize;
+        let n = out.len().min(4096 - off);
+        if c.host.read(c.host_off + off, &mut out[..n]).is_err() {
+            return Err(Stop::Err(crate::errno::Errno::EFAULT));
+        }
+        Ok((n, c.gpa_page | off as u64))
+    }
+
+    /// Fetch and decode the instruction at CS:RIP.
+    pub fn fetch_decode(&mut self) -> R<Instruction> {
+        let bits = self.bitness();
+        let rip = self.st.regs.rip;
+        self.insn_fetched = 0;
+        // The CS limit outside 64-bit mode.
+        let lin = if bits == 64 {
+            if !crate::paging::is_canonical(rip, false) {
+                return Err(gp0());
+            }
+            rip
+        } else {
+            let cs = &self.st.sregs.cs;
+            if rip > u64::from(cs.limit) {
+                return Err(gp0());
+            }
+            cs.base.wrapping_add(rip) & 0xffff_ffff
+        };
+        let mut bytes = [0u8; 15];
+        let (n, gpa) = self.read_code(lin, &mut bytes)?;
+        self.insn_bytes = bytes;
+        self.insn_fetched = n as u8;
+        let slot = DecodeCache::slot(rip);
+        if let Some(Some(e)) = self.emu.decode.slots.get(slot) {
+            let l = usize::from(e.len);
+            if e.rip == rip
+                && e.gpa == gpa
+                && e.bits == bits
+                && l <= n
+                && e.bytes[..l] == bytes[..l]
+            {
+                return Ok(e.ins);
+            }
+        }
+        let mut ins = Instruction::default();
+        let mut total = n;
+        let err = {
+            let mut d = Decoder::with_ip(bits, &bytes[..n], rip, DecoderOptions::NONE);
+            d.decode_out(&mut ins);
+            d.last_error()
+        };
+        let err = if err == DecoderError::NoMoreBytes && n < 15 {
+            // The instruction continues on the next page: fetch it only now (a
+            // fault there is the instruction's fault, with that page's address).
+            let next = (lin | 0xfff).wrapping_add(1);
+            let next = if bits == 64 { next } else { next & 0xffff_ffff };
+            let mut more = [0u8; 15];
+            let (m, _) = self.read_code(next, &mut more[..15 - n])?;
+            bytes[n..n + m].copy_from_slice(&more[..m]);
+            total = n + m;
+            self.insn_bytes = bytes;
+            self.insn_fetched = total as u8;
+            let mut d = Decoder::with_ip(bits, &bytes[..total], rip, DecoderOptions::NONE);
+            d.decode_out(&mut ins);
+            d.last_error()
+        } else {
+            err
+        };
+        match err {
+            DecoderError::None => {}
+            // Longer than 15 bytes: #GP(0); anything undecodable: #UD.
+            DecoderError::NoMoreBytes if total >= 15 => return Err(gp0()),
+            _ => return Err(super::exc(vector::UD)),
+        }
+        if bits != 64 && rip + ins.len() as u64 - 1 > u64::from(self.st.sregs.cs.limit) {
+            return Err(exc_ec(vector::GP, 0));
+        }
+        if total == n {
+            if self.emu.decode.slots.is_empty() {
+                self.emu.decode.slots = vec![None; CACHE_SLOTS];
+            }
+            let mut eb = [0u8; 15];
+            eb[..ins.len()].copy_from_slice(&bytes[..ins.len()]);
+            self.emu.decode.slots[slot] = Some(Entry {
+                rip,
+                gpa,
+                bits,
+                len: ins.len() as u8,
+                bytes: eb,
+                ins,
+            });
+        }
+        Ok(ins)
+    }
+}
