@@ -1,0 +1,175 @@
+//! Exceptions on the simulated vCPU: delivery through the 64-bit IDT with CR2 and
+//! error codes, privilege changes with RSP0 from the TSS, double and triple faults.
+
+mod run_guest;
+
+use iced_x86::code_asm::*;
+use kvmmmu_core::vcpu::run::*;
+use run_guest::*;
+
+#[test]
+fn page_fault_through_the_idt() {
+    let g = long_guest(0, &[], |a| {
+        a.mov(rbx, 0x40_0000u64)?;
+        a.mov(rax, qword_ptr(rbx))?; // not mapped
+        a.hlt()?;
+        Ok(())
+    });
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = report(&g);
+    assert_eq!((r.vector, r.error_code, r.cr2), (14, 0, 0x40_0000));
+    assert_eq!(r.rip, CODE + 10);
+    assert_eq!(r.cs, 0x08);
+    assert_eq!(g.vcpu.get_sregs().cr2, 0x40_0000);
+    g.audit().unwrap();
+}
+
+#[test]
+fn write_and_fetch_fault_error_codes() {
+    // A write to a read-only page, then a fetch from an NX page.
+    let g = long_guest(0, &[], |a| {
+        a.mov(rbx, 0x10_0000u64)?;
+        a.mov(qword_ptr(rbx), rax)?;
+        Ok(())
+    });
+    let root = g.cr3();
+    let mut g = g;
+    g.map(root, 0x10_0000, 0x10_0000, 1, P);
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = report(&g);
+    assert_eq!((r.vector, r.error_code, r.cr2), (14, 0x3, 0x10_0000));
+}
+
+#[test]
+fn general_protection_ud_and_divide_error() {
+    for (code, vector, ec) in [
+        (0u8, 13u64, 0u64), // non-canonical
+        (1, 6, 0),          // ud2
+        (2, 0, 0),          // div by zero
+    ] {
+        let g = long_guest(0, &[], |a| {
+            match code {
+                0 => {
+                    a.mov(rbx, 0x0000_8000_0000_0000u64)?;
+                    a.mov(rax, qword_ptr(rbx))?;
+                }
+                1 => a.ud2()?,
+                _ => {
+                    a.xor(ecx, ecx)?;
+                    a.div(ecx)?;
+                }
+            }
+            Ok(())
+        });
+        assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+        let r = report(&g);
+        assert_eq!((r.vector, r.error_code), (vector, ec), "case {code}");
+    }
+}
+
+#[test]
+fn user_code_faults_on_supervisor_page_and_switches_stack() {
+    let g = long_guest(3, &[CODE, STACK3 - 0x1000], |a| {
+        a.mov(rbx, RESULT)?;
+        a.mov(rax, qword_ptr(rbx))?; // a supervisor page
+        Ok(())
+    });
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = report(&g);
+    assert_eq!((r.vector, r.error_code, r.cr2), (14, 0x5, RESULT));
+    assert_eq!(r.cs, 0x1b);
+    // The handler ran on RSP0 with the 64-bit frame (RIP, CS, RFLAGS, RSP, SS).
+    assert_eq!(r.rsp_at_entry, STACK0 - 5 * 8);
+    assert_eq!(g.read_u64(STACK0 - 16), STACK3);
+    assert_eq!(g.read_u64(STACK0 - 8), 0x23);
+    assert_eq!(g.vcpu.get_sregs().cs.dpl, 0);
+    use kvmmmu_core::stats::VcpuStat;
+    assert!(g.vcpu.stats.get(VcpuStat::PfGuest as usize) >= 1);
+    g.audit().unwrap();
+}
+
+#[test]
+fn double_fault_then_triple_fault() {
+    // #PF whose gate is not present: #NP during #PF delivery is a #DF.
+    let g = long_guest(0, &[], |a| {
+        a.mov(rbx, 0x40_0000u64)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        Ok(())
+    });
+    let gate = IDT + 16 * 14 + 4;
+    let hi = g.read_u64(gate - 4);
+    g.write_u64(gate - 4, hi & !(1 << 47));
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = report(&g);
+    assert_eq!((r.vector, r.error_code), (8, 0));
+
+    // No IDT at all: #PF, #GP on the IDT limit, #DF, then shutdown.
+    let g = long_guest(0, &[], |a| {
+        a.mov(rbx, 0x40_0000u64)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        Ok(())
+    });
+    g.vcpu.state().sregs.idt.limit = 0;
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_SHUTDOWN));
+    assert_eq!(g.vcpu.get_regs().rip, CODE + 10);
+}
+
+#[test]
+fn int3_int_n_and_iretq() {
+    let g = long_guest(0, &[], |a| {
+        a.int(0x21)?;
+        a.mov(rcx, 0x77u64)?;
+        a.hlt()?;
+        Ok(())
+    });
+    // Gate 0x21: a handler that sets RBX and returns.
+    let handler = 0x8000u64;
+    let h = kvmmmu_core::testkit::TestGuest::assemble(64, handler, |a| {
+        a.mov(ebx, 0x55)?;
+        a.iretq()?;
+        Ok(())
+    });
+    g.write_bytes(handler, &h);
+    g.write_u64(
+        IDT + 16 * 0x21,
+        (handler & 0xffff) | (0x08 << 16) | (0x8e << 40) | ((handler >> 16) & 0xffff) << 48,
+    );
+    g.write_u64(IDT + 16 * 0x21 + 8, 0);
+    g.vcpu.state().sregs.idt.limit = 0x22 * 16 - 1;
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = g.vcpu.get_regs();
+    assert_eq!((r.rbx, r.rcx, r.rsp), (0x55, 0x77, STACK0));
+
+    let g = long_guest(0, &[], |a| {
+        a.nop()?;
+        a.int3()?;
+        Ok(())
+    });
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = report(&g);
+    // #BP is a trap: the return address follows the INT3.
+    assert_eq!((r.vector, r.rip), (3, CODE + 2));
+}
+
+#[test]
+fn injected_exception_with_payload() {
+    let g = long_guest(0, &[], |a| a.hlt());
+    {
+        let mut st = g.vcpu.state();
+        let e = &mut st.events.exception;
+        e.pending = true;
+        e.nr = 14;
+        e.has_error_code = true;
+        e.error_code = 0x6;
+        e.has_payload = true;
+        e.payload = 0xdead_0000;
+    }
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = report(&g);
+    assert_eq!(
+        (r.vector, r.error_code, r.cr2, r.rip),
+        (14, 6, 0xdead_0000, CODE)
+    );
+    g.vcpu.state().events.triple_fault_pending = true;
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_SHUTDOWN));
+}

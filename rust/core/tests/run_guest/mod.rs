@@ -1,0 +1,169 @@
+//! Guests for the KVM_RUN tests: page tables, GDT, IDT, TSS and exception stubs
+//! that record (vector, error code, CR2, return RIP, CS, SS, RSP) and halt.
+
+#![allow(dead_code)]
+
+use iced_x86::code_asm::*;
+use kvmmmu_core::paging::PagingMode;
+use kvmmmu_core::testkit::TestGuest;
+use kvmmmu_core::uapi::kvm_segment;
+
+pub const P: u64 = 1;
+pub const W: u64 = 2;
+pub const U: u64 = 4;
+pub const A: u64 = 1 << 5;
+pub const D: u64 = 1 << 6;
+
+pub const CODE: u64 = 0x1000;
+pub const GDT: u64 = 0x3000;
+pub const IDT: u64 = 0x4000;
+pub const TSS: u64 = 0x5000;
+pub const STUBS: u64 = 0x6000;
+pub const RESULT: u64 = 0x7000;
+pub const STACK0: u64 = 0x9000;
+pub const STACK3: u64 = 0xb000;
+pub const MMIO: u64 = 0xe000_0000;
+
+/// What an exception stub recorded.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Report {
+    pub vector: u64,
+    pub error_code: u64,
+    pub cr2: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rsp_at_entry: u64,
+}
+
+pub fn report(g: &TestGuest) -> Report {
+    let q = |i: u64| g.read_u64(RESULT + 8 * i);
+    Report {
+        vector: q(0),
+        error_code: q(1),
+        cr2: q(2),
+        rip: q(3),
+        cs: q(4),
+        rsp_at_entry: q(5),
+    }
+}
+
+fn has_error_code(v: u32) -> bool {
+    matches!(v, 8 | 10..=14 | 17)
+}
+
+pub fn seg(selector: u16, type_: u8, dpl: u8, long: bool, s: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl,
+        db: u8::from(!long && s != 0),
+        s,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// A long-mode (4-level) guest: 0..2 MiB mapped supervisor-only except the pages
+/// given to `user_pages`, GDT (null, code64 0x08, data 0x10, code64 DPL3 0x1b,
+/// data DPL3 0x23, TSS 0x28), an IDT with 32 recording stubs, RSP0 = STACK0,
+/// `code` at CODE.
+pub fn long_guest(
+    cpl: u8,
+    user_pages: &[u64],
+    code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> TestGuest {
+    let mut g = TestGuest::new(PagingMode::Long4, 4 << 20).unwrap();
+    let root = g.cr3();
+    for page in (0..0x20_0000u64).step_by(4096) {
+        let u = if user_pages.contains(&page) { U } else { 0 };
+        g.map(root, page, page, 1, P | W | u);
+    }
+    g.map(root, MMIO, MMIO, 1, P | W | U);
+    // GDT.
+    let gdt: [u64; 7] = [
+        0,
+        0x0020_9a00_0000_0000,
+        0x00cf_9200_0000_ffff,
+        0x0020_fa00_0000_0000,
+        0x00cf_f200_0000_ffff,
+        tss_desc_lo(TSS, 0x67),
+        0,
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        g.write_u64(GDT + 8 * i as u64, *d);
+    }
+    // TSS: RSP0 and IST1.
+    g.write_u64(TSS + 4, STACK0);
+    g.write_u64(TSS + 0x24, STACK0 - 0x800);
+    // IDT and stubs.
+    let mut addr = STUBS;
+    for v in 0..32u32 {
+        let stub = TestGuest::assemble(64, addr, |a| {
+            if has_error_code(v) {
+                a.pop(rax)?;
+            } else {
+                a.xor(eax, eax)?;
+            }
+            a.mov(qword_ptr(RESULT + 8), rax)?;
+            a.mov(qword_ptr(RESULT), v as i32)?;
+            a.mov(rax, cr2)?;
+            a.mov(qword_ptr(RESULT + 16), rax)?;
+            a.mov(rax, qword_ptr(rsp))?;
+            a.mov(qword_ptr(RESULT + 24), rax)?;
+            a.mov(rax, qword_ptr(rsp + 8))?;
+            a.mov(qword_ptr(RESULT + 32), rax)?;
+            a.mov(qword_ptr(RESULT + 40), rsp)?;
+            a.hlt()?;
+            Ok(())
+        });
+        g.write_bytes(addr, &stub);
+        let lo = (addr & 0xffff) | (0x08 << 16) | (0x8e << 40) | ((addr >> 16) & 0xffff) << 48;
+        g.write_u64(IDT + 16 * u64::from(v), lo);
+        g.write_u64(IDT + 16 * u64::from(v) + 8, addr >> 32);
+        addr += 128;
+    }
+    {
+        let mut st = g.vcpu.state();
+        let s = &mut st.sregs;
+        s.gdt.base = GDT;
+        s.gdt.limit = 7 * 8 - 1;
+        s.idt.base = IDT;
+        s.idt.limit = 32 * 16 - 1;
+        s.tr = kvm_segment {
+            base: TSS,
+            limit: 0x67,
+            selector: 0x28,
+            type_: 11,
+            present: 1,
+            g: 0,
+            ..seg(0x28, 11, 0, false, 0)
+        };
+        s.tr.db = 0;
+        let (csel, dsel) = if cpl == 3 { (0x1b, 0x23) } else { (0x08, 0x10) };
+        s.cs = seg(csel, 11, cpl, true, 1);
+        let d = seg(dsel, 3, cpl, false, 1);
+        (s.ds, s.es, s.ss, s.fs, s.gs) = (d, d, d, d, d);
+    }
+    let bytes = TestGuest::assemble(64, CODE, code);
+    g.write_bytes(CODE, &bytes);
+    let mut r = g.vcpu.get_regs();
+    r.rip = CODE;
+    r.rsp = if cpl == 3 { STACK3 } else { STACK0 };
+    r.rflags = 2;
+    g.vcpu.set_regs(&r).unwrap();
+    g
+}
+
+fn tss_desc_lo(base: u64, limit: u64) -> u64 {
+    (limit & 0xffff)
+        | ((base & 0xff_ffff) << 16)
+        | (0x89 << 40)
+        | ((limit >> 16) & 0xf) << 48
+        | ((base >> 24) & 0xff) << 56
+}
