@@ -24,8 +24,9 @@ struct Entry {
     rip: u64,
     gpa: u64,
     bits: u32,
-    len: u8,
-    bytes: [u8; 15],
+    /// The instruction's bytes and a mask of its length, compared as one word.
+    word: u128,
+    mask: u128,
     ins: Instruction,
 }
 
@@ -125,7 +126,16 @@ impl Cpu<'_> {
         };
         let off = (lin & 0xfff) as usize;
         let n = out.len().min(4096 - off);
-        if c.host.read(c.host_off + off, &mut out[..n]).is_err() {
+        let ok = if n == 15 {
+            // A fixed-size copy (the common case, away from the page end).
+            let mut b = [0u8; 15];
+            let r = c.host.read(c.host_off + off, &mut b).is_ok();
+            out[..15].copy_from_slice(&b);
+            r
+        } else {
+            c.host.read(c.host_off + off, &mut out[..n]).is_ok()
+        };
+        if !ok {
             return Err(Stop::Err(crate::errno::Errno::EFAULT));
         }
         Ok((n, c.gpa_page | off as u64))
@@ -155,12 +165,15 @@ impl Cpu<'_> {
         self.insn_fetched = n as u8;
         let slot = DecodeCache::slot(rip);
         if let Some(Some(e)) = self.emu.decode.slots.get(slot) {
-            let l = usize::from(e.len);
+            let mut w = [0u8; 16];
+            w[..15].copy_from_slice(&bytes);
+            let word = u128::from_le_bytes(w);
+            let len_ok = e.mask >> (8 * n.min(15)) == 0;
             if e.rip == rip
                 && e.gpa == gpa
                 && e.bits == bits
-                && l <= n
-                && e.bytes[..l] == bytes[..l]
+                && len_ok
+                && (word ^ e.word) & e.mask == 0
             {
                 return Ok(e.ins);
             }
@@ -202,14 +215,15 @@ impl Cpu<'_> {
             if self.emu.decode.slots.is_empty() {
                 self.emu.decode.slots = vec![None; CACHE_SLOTS];
             }
-            let mut eb = [0u8; 15];
-            eb[..ins.len()].copy_from_slice(&bytes[..ins.len()]);
+            let mut w = [0u8; 16];
+            w[..ins.len()].copy_from_slice(&bytes[..ins.len()]);
+            let mask = (1u128 << (8 * ins.len())) - 1;
             self.emu.decode.slots[slot] = Some(Entry {
                 rip,
                 gpa,
                 bits,
-                len: ins.len() as u8,
-                bytes: eb,
+                word: u128::from_le_bytes(w),
+                mask,
                 ins,
             });
         }

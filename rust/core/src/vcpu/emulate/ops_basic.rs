@@ -9,6 +9,14 @@ impl Cpu<'_> {
     /// Execute one decoded instruction (RIP already points at its end in `next_rip`).
     pub fn exec(&mut self, ins: &Instruction) -> R<()> {
         use Mnemonic as M;
+        if ins.is_jcc_short_or_near() {
+            if self.cond(ins.condition_code()) {
+                let t = ins.near_branch_target();
+                self.check_branch(t)?;
+                self.next_rip = t;
+            }
+            return Ok(());
+        }
         if ins.has_lock_prefix() && !ins.op0_kind().eq(&OpKind::Memory) {
             return Err(ud());
         }
