@@ -1,0 +1,256 @@
+//! Guest code through the MMU model: A/D bits, dirty logging of guest writes,
+//! unsync gptes (stale until INVLPG), read-only slots, self-modifying code, and the
+//! run loop's kick / single-step / breakpoint exits.
+
+mod run_guest;
+
+use std::sync::Arc;
+
+use iced_x86::code_asm::*;
+use kvmmmu_core::hostmem::HostRegion;
+use kvmmmu_core::memslot::RegionIoctl;
+use kvmmmu_core::stats::{VcpuStat, VmStat};
+use kvmmmu_core::uapi::kvm_userspace_memory_region2;
+use kvmmmu_core::uapi::run_off::EXIT_UNION;
+use kvmmmu_core::vcpu::run::*;
+use run_guest::*;
+
+const X: u64 = 0x40_0000;
+const SLOT1: u64 = 16 << 20;
+
+#[test]
+fn accessed_and_dirty_bits_from_user_code() {
+    let mut g = long_guest(3, &[CODE, STACK3 - 0x1000], |a| {
+        a.mov(rbx, X)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        a.mov(qword_ptr(rbx + 0x1000), rax)?;
+        a.mov(rax, MMIO)?;
+        a.mov(byte_ptr(rax), 1)?;
+        Ok(())
+    });
+    let root = g.cr3();
+    g.map(root, X, 0x20_0000, 1, P | W | U);
+    g.map(root, X + 0x1000, 0x20_1000, 1, P | W | U);
+    let read_pte = g.entry_gpa(root, X, 1);
+    let write_pte = g.entry_gpa(root, X + 0x1000, 1);
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_MMIO));
+    assert_eq!(g.read_gpte(read_pte) & (A | D), A);
+    assert_eq!(g.read_gpte(write_pte) & (A | D), A | D);
+    assert!(g.vcpu.stats.get(VcpuStat::PfFixed as usize) >= 2);
+    g.audit().unwrap();
+}
+
+#[test]
+fn dirty_log_shows_guest_writes() {
+    let mut g = long_guest(0, &[], |a| {
+        a.mov(rbx, X)?;
+        for p in [0u64, 3, 7] {
+            a.mov(byte_ptr(rbx + (p * 4096) as i32), 1)?;
+        }
+        a.mov(al, byte_ptr(rbx + 10 * 4096))?;
+        a.hlt()?;
+        Ok(())
+    });
+    let host = HostRegion::new(64 * 4096).unwrap();
+    g.vm.set_user_memory_region(
+        &kvm_userspace_memory_region2 {
+            slot: 1,
+            flags: kvmmmu_core::uapi::KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr: SLOT1,
+            memory_size: 64 * 4096,
+            userspace_addr: host.addr(),
+            ..Default::default()
+        },
+        RegionIoctl::V2,
+    )
+    .unwrap();
+    let root = g.cr3();
+    for p in 0..16 {
+        g.map(root, X + p * 4096, SLOT1 + p * 4096, 1, P | W);
+    }
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    assert_eq!(g.vm.harvest_dirty_pages(1).unwrap(), vec![0, 3, 7]);
+    g.audit().unwrap();
+    drop(Arc::clone(&host));
+}
+
+#[test]
+fn guest_pte_edit_is_stale_until_invlpg() {
+    // The PTE of X is reachable at X_PTE_ALIAS; the guest points X at another page.
+    let mut g = long_guest(0, &[], |_| Ok(()));
+    let root = g.cr3();
+    g.map(root, X, 0x10_0000, 1, P | W);
+    let pte = g.entry_gpa(root, X, 1);
+    let alias = 0x50_0000u64;
+    g.map(root, alias, pte & !0xfff, 1, P | W);
+    g.write_u64(0x10_0000, 0xaaaa);
+    g.write_u64(0x11_0000, 0xbbbb);
+    let code = kvmmmu_core::testkit::TestGuest::assemble(64, CODE, |a| {
+        a.mov(rbx, X)?;
+        a.mov(r8, qword_ptr(rbx))?; // A
+        a.mov(rcx, alias + (pte & 0xfff))?;
+        a.mov(rax, 0x11_0000u64 | P | W | A)?;
+        a.mov(qword_ptr(rcx), rax)?; // the guest edits its PTE
+        a.mov(r9, qword_ptr(rbx))?; // still A: no INVLPG yet
+        a.invlpg(qword_ptr(rbx))?;
+        a.mov(r10, qword_ptr(rbx))?; // B
+        a.hlt()?;
+        Ok(())
+    });
+    g.write_bytes(CODE, &code);
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = g.vcpu.get_regs();
+    assert_eq!((r.r8, r.r9, r.r10), (0xaaaa, 0xaaaa, 0xbbbb));
+    assert!(g.vm.stats.get(VmStat::MmuUnsync as usize) <= 1);
+    assert!(g.vcpu.stats.get(VcpuStat::Invlpg as usize) >= 1);
+    g.audit().unwrap();
+}
+
+#[test]
+fn read_only_slot_write_exits_as_mmio() {
+    let mut g = long_guest(0, &[], |a| {
+        a.mov(rbx, X)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        a.mov(qword_ptr(rbx), rcx)?;
+        a.hlt()?;
+        Ok(())
+    });
+    let host = HostRegion::new(4096).unwrap();
+    host.write(0, b"ROMDATA!").unwrap();
+    g.vm.set_user_memory_region(
+        &kvm_userspace_memory_region2 {
+            slot: 1,
+            flags: kvmmmu_core::uapi::KVM_MEM_READONLY,
+            guest_phys_addr: SLOT1,
+            memory_size: 4096,
+            userspace_addr: host.addr(),
+            ..Default::default()
+        },
+        RegionIoctl::V2,
+    )
+    .unwrap();
+    let root = g.cr3();
+    g.map(root, X, SLOT1, 1, P | W);
+    let mut r = g.vcpu.get_regs();
+    r.rcx = 0x4142_4344_4546_4748;
+    g.vcpu.set_regs(&r).unwrap();
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_MMIO));
+    assert_eq!(g.vcpu.get_regs().rax, u64::from_le_bytes(*b"ROMDATA!"));
+    assert_eq!(g.run_bytes(EXIT_UNION, 8), SLOT1.to_le_bytes());
+    assert_eq!(
+        g.run_bytes(EXIT_UNION + 8, 8),
+        0x4142_4344_4546_4748u64.to_le_bytes()
+    );
+    let mut b = [0u8; 8];
+    host.read(0, &mut b).unwrap();
+    assert_eq!(&b, b"ROMDATA!");
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+}
+
+#[test]
+fn self_modifying_code_is_seen() {
+    // The loop rewrites the immediate of an instruction it already executed.
+    let g = long_guest(0, &[], |a| {
+        let mut target = a.create_label();
+        a.xor(ebx, ebx)?;
+        a.mov(ecx, 2)?;
+        a.set_label(&mut target)?;
+        a.mov(eax, 1)?; // B8 imm32: the imm is patched
+        a.add(ebx, eax)?;
+        a.lea(rdx, ptr(target))?;
+        a.mov(dword_ptr(rdx + 1), 100)?;
+        a.dec(ecx)?;
+        a.jnz(target)?;
+        a.hlt()?;
+        Ok(())
+    });
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    assert_eq!(g.vcpu.get_regs().rbx, 101);
+}
+
+#[test]
+fn kick_ends_an_infinite_loop() {
+    let g = long_guest(0, &[], |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.jmp(top)?;
+        Ok(())
+    });
+    let v = Arc::clone(&g.vcpu);
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        v.kick();
+    });
+    let (r, reason) = g.run();
+    t.join().unwrap();
+    assert_eq!(r, Err(kvmmmu_core::errno::Errno::EINTR));
+    assert_eq!(reason, KVM_EXIT_INTR);
+    assert_eq!(g.vcpu.stats.get(VcpuStat::SignalExits as usize), 1);
+    // immediate_exit written by another thread while running works the same way.
+    let v = Arc::clone(&g.vcpu);
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let _ = v
+            .run_area()
+            .write(kvmmmu_core::uapi::run_off::IMMEDIATE_EXIT, &[1]);
+    });
+    let (r, reason) = g.run();
+    t.join().unwrap();
+    assert_eq!(
+        (r, reason),
+        (Err(kvmmmu_core::errno::Errno::EINTR), KVM_EXIT_INTR)
+    );
+}
+
+#[test]
+fn single_step_and_software_breakpoints() {
+    let g = long_guest(0, &[], |a| {
+        a.nop()?;
+        a.mov(eax, 5)?;
+        a.int3()?;
+        a.hlt()?;
+        Ok(())
+    });
+    let step = kvmmmu_core::vcpu::emulate::KVM_GUESTDBG_ENABLE
+        | kvmmmu_core::vcpu::emulate::KVM_GUESTDBG_SINGLESTEP;
+    g.vcpu.set_guest_debug(step, [0; 8]).unwrap();
+    for pc in [CODE + 1, CODE + 6] {
+        assert_eq!(g.run(), (Ok(0), KVM_EXIT_DEBUG));
+        assert_eq!(g.run_bytes(EXIT_UNION, 4), 1u32.to_le_bytes());
+        assert_eq!(g.run_bytes(EXIT_UNION + 8, 8), pc.to_le_bytes());
+        assert_eq!(
+            g.run_bytes(EXIT_UNION + 16, 8),
+            0xffff_4ff0u64.to_le_bytes()
+        );
+    }
+    let swbp = kvmmmu_core::vcpu::emulate::KVM_GUESTDBG_ENABLE
+        | kvmmmu_core::vcpu::emulate::KVM_GUESTDBG_USE_SW_BP;
+    g.vcpu.set_guest_debug(swbp, [0; 8]).unwrap();
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_DEBUG));
+    assert_eq!(g.run_bytes(EXIT_UNION, 4), 3u32.to_le_bytes());
+    assert_eq!(g.run_bytes(EXIT_UNION + 8, 8), (CODE + 6).to_le_bytes());
+    assert_eq!(g.vcpu.get_regs().rip, CODE + 6);
+    assert_eq!(
+        g.vcpu.set_guest_debug(1 << 30, [0; 8]),
+        Err(kvmmmu_core::errno::Errno::EINVAL)
+    );
+}
+
+#[test]
+fn trap_flag_delivers_debug_exception() {
+    let g = long_guest(0, &[], |a| {
+        a.pushfq()?;
+        a.or(qword_ptr(rsp), 0x100)?;
+        a.popfq()?;
+        a.nop()?; // the #DB comes after this one
+        a.hlt()?;
+        Ok(())
+    });
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = report(&g);
+    assert_eq!(r.vector, 1);
+    // POPF sets TF; the trap follows the next instruction (NOP): pushfq (1 byte),
+    // or qword [rsp], 0x100 (8), popfq (1), nop (1).
+    assert_eq!(r.rip, CODE + 11);
+    assert_ne!(g.vcpu.state().debugregs.dr6 & (1 << 14), 0);
+}
