@@ -167,3 +167,114 @@ fn tss_desc_lo(base: u64, limit: u64) -> u64 {
         | ((limit >> 16) & 0xf) << 48
         | ((base >> 24) & 0xff) << 56
 }
+
+/// A 32-bit protected-mode guest (`mode`: no paging, 2-level or PAE) with 0..2 MiB
+/// identity mapped supervisor-writable, GDT (null, code32 0x08, data 0x10, code32
+/// DPL3 0x1b, data DPL3 0x23, TSS 0x28), a 32-bit TSS with SS0:ESP0 = 0x10:STACK0,
+/// an IDT of 32 interrupt gates to stubs recording (vector, error code, CR2, EIP,
+/// CS, ESP at entry) as 8-byte fields at RESULT, and `code` at CODE.
+pub fn pm32_guest(
+    mode: PagingMode,
+    cpl: u8,
+    user_pages: &[u64],
+    code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> TestGuest {
+    let mut g = TestGuest::new(mode, 4 << 20).unwrap();
+    if mode != PagingMode::None {
+        let root = g.cr3();
+        for page in (0..0x20_0000u64).step_by(4096) {
+            let u = if user_pages.contains(&page) { U } else { 0 };
+            g.map(root, page, page, 1, P | W | u);
+        }
+        g.map(root, MMIO, MMIO, 1, P | W | U);
+        g.reload_pdptrs();
+    }
+    let gdt: [u64; 6] = [
+        0,
+        0x00cf_9a00_0000_ffff,
+        0x00cf_9200_0000_ffff,
+        0x00cf_fa00_0000_ffff,
+        0x00cf_f200_0000_ffff,
+        tss_desc_lo(TSS, 0x67),
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        g.write_u64(GDT + 8 * i as u64, *d);
+    }
+    g.write_bytes(TSS + 4, &(STACK0 as u32).to_le_bytes());
+    g.write_bytes(TSS + 8, &0x10u32.to_le_bytes());
+    let mut addr = STUBS;
+    for v in 0..32u32 {
+        let stub = TestGuest::assemble(32, addr, |a| {
+            if has_error_code(v) {
+                a.pop(eax)?;
+            } else {
+                a.xor(eax, eax)?;
+            }
+            a.mov(dword_ptr(RESULT as u32 + 8), eax)?;
+            a.mov(dword_ptr(RESULT as u32), v)?;
+            a.mov(eax, cr2)?;
+            a.mov(dword_ptr(RESULT as u32 + 16), eax)?;
+            a.mov(eax, dword_ptr(esp))?;
+            a.mov(dword_ptr(RESULT as u32 + 24), eax)?;
+            a.mov(eax, dword_ptr(esp + 4))?;
+            a.mov(dword_ptr(RESULT as u32 + 32), eax)?;
+            a.mov(dword_ptr(RESULT as u32 + 40), esp)?;
+            a.hlt()?;
+            Ok(())
+        });
+        g.write_bytes(addr, &stub);
+        let lo = (addr & 0xffff) | (0x08 << 16) | (0x8e << 40) | ((addr >> 16) & 0xffff) << 48;
+        g.write_u64(IDT + 8 * u64::from(v), lo);
+        addr += 128;
+    }
+    {
+        let mut st = g.vcpu.state();
+        let s = &mut st.sregs;
+        s.gdt.base = GDT;
+        s.gdt.limit = 6 * 8 - 1;
+        s.idt.base = IDT;
+        s.idt.limit = 32 * 8 - 1;
+        s.tr = seg(0x28, 11, 0, false, 0);
+        s.tr.base = TSS;
+        s.tr.limit = 0x67;
+        s.tr.g = 0;
+        let (csel, dsel) = if cpl == 3 { (0x1b, 0x23) } else { (0x08, 0x10) };
+        s.cs = seg(csel, 11, cpl, false, 1);
+        let d = seg(dsel, 3, cpl, false, 1);
+        (s.ds, s.es, s.ss, s.fs, s.gs) = (d, d, d, d, d);
+    }
+    let bytes = TestGuest::assemble(32, CODE, code);
+    g.write_bytes(CODE, &bytes);
+    let mut r = g.vcpu.get_regs();
+    r.rip = CODE;
+    r.rsp = if cpl == 3 { STACK3 } else { STACK0 };
+    r.rflags = 2;
+    g.vcpu.set_regs(&r).unwrap();
+    g
+}
+
+/// A real-mode guest: CS = DS = SS = 0, IVT at 0, `code` at CODE, SP = STACK0.
+pub fn real_guest(code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> TestGuest {
+    let g = TestGuest::new(PagingMode::None, 4 << 20).unwrap();
+    {
+        let mut st = g.vcpu.state();
+        let s = &mut st.sregs;
+        s.cr0 = 0x10;
+        let mut r = seg(0, 3, 0, false, 1);
+        r.limit = 0xffff;
+        r.g = 0;
+        r.db = 0;
+        s.cs = kvm_segment { type_: 11, ..r };
+        (s.ds, s.es, s.ss, s.fs, s.gs) = (r, r, r, r, r);
+        s.idt.base = 0;
+        s.idt.limit = 0x3ff;
+    }
+    let bytes = TestGuest::assemble(16, CODE, code);
+    g.write_bytes(CODE, &bytes);
+    let mut r = g.vcpu.get_regs();
+    r.rip = CODE;
+    r.rsp = STACK0;
+    r.rflags = 2;
+    g.vcpu.set_regs(&r).unwrap();
+    g
+}
