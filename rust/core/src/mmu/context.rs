@@ -507,17 +507,18 @@ impl KvmMmu {
         }
         let guest = self.guest;
         let role = self.root_role;
+        let mem = env.guest_mem();
         match self.root.hpa {
             RootHpa::Page(sp) => {
                 let page = env.mmu.get(sp);
                 if page.unsync || page.unsync_children != 0 {
-                    sync_children(env.mmu, env.slots, &guest, role, sp);
+                    sync_children(env.mmu, mem, &guest, role, sp);
                 }
             }
             RootHpa::Pae(r) => {
                 for sp in r {
                     if sp != NIL {
-                        sync_children(env.mmu, env.slots, &guest, role, sp);
+                        sync_children(env.mmu, mem, &guest, role, sp);
                     }
                 }
             }
@@ -677,7 +678,7 @@ impl KvmMmu {
             if sp.spt[step.index] == Spte::NONPRESENT {
                 continue;
             }
-            let ret = sync_spte(env.mmu, env.slots, &self.guest, step.sp, step.index);
+            let ret = sync_spte(env.mmu, env.guest_mem(), &self.guest, step.sp, step.index);
             if ret < 0 {
                 env.mmu.zap_spte(step.sptep());
             }

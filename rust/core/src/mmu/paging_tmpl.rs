@@ -3,7 +3,7 @@
 //! FNAME(fetch) building the shadow path, FNAME(pte_prefetch), FNAME(sync_spte), and
 //! mmu.c's __kvm_sync_page and mmu_sync_children built on them.
 
-use super::context::{for_each_shadow_entry, walk_start, KvmMmu, MmuEnv, RootHpa};
+use super::context::{for_each_shadow_entry, walk_start, KvmMmu, LoggedMem, MmuEnv, RootHpa};
 use super::fault::{
     direct_pte_prefetch, faultin_pfn, get_child_sp, gfn_round_for_level, handle_page_track,
     hugepage_adjust, mmu_set_spte, root_ready, HostPage, PageFault, PfRet, PTE_PREFETCH_NUM,
@@ -191,6 +191,7 @@ fn fetch(
     mut host: HostPage,
 ) -> PfRet {
     let slots = env.slots;
+    let mem = env.guest_mem();
     let mut top = ctx.cpu_role.base.level();
     if top == 3 {
         top = 2;
@@ -217,12 +218,12 @@ fn fetch(
         let l = usize::from(level) - 2;
         let (table_gfn, access) = (gw.table_gfn[l], gw.pt_access[l]);
         let child = get_child_sp(env.mmu, sptep, table_gfn, false, access, |m, i| {
-            sync_page(m, slots, guest, root_role, i)
+            sync_page(m, mem, guest, root_role, i)
         });
         if let Some(c) = child {
             // Sync before linking: the guest need not flush after making a gpte present.
             if env.mmu.get(c).unsync_children != 0 {
-                sync_children(env.mmu, slots, guest, root_role, c);
+                sync_children(env.mmu, mem, guest, root_role, c);
             }
         }
         if gpte_changed(slots, gw, level - 1) {
@@ -369,7 +370,7 @@ fn sync_role_ign() -> u32 {
 /// cannot be synced (zap it); > 0: a remote flush is needed.
 pub fn sync_page(
     mmu: &mut Mmu,
-    slots: &MemSlots,
+    mem: LoggedMem<'_>,
     guest: &GuestMmu,
     root_role: Role,
     sp: SpIndex,
@@ -383,7 +384,7 @@ pub fn sync_page(
         if mmu.get(sp).spt[i] == Spte::NONPRESENT {
             continue;
         }
-        let ret = sync_spte(mmu, slots, guest, sp, i);
+        let ret = sync_spte(mmu, mem, guest, sp, i);
         if ret < -1 {
             return -1;
         }
@@ -392,9 +393,17 @@ pub fn sync_page(
     flush
 }
 
-/// FNAME(sync_spte): bring SPTE `i` of an unsync level-1 page in line with its gpte.
-/// Only removes rights; -1 if the gpte cannot be read, 1 if a flush is needed.
-pub fn sync_spte(mmu: &mut Mmu, slots: &MemSlots, guest: &GuestMmu, sp: SpIndex, i: usize) -> i32 {
+/// FNAME(sync_spte): bring SPTE `i` of an unsync level-1 page in line with its gpte;
+/// like a fault, an SPTE it makes writable in a logging slot logs the page to the
+/// syncing vCPU. -1 if the gpte cannot be read, 1 if a flush is needed.
+pub fn sync_spte(
+    mmu: &mut Mmu,
+    mem: LoggedMem<'_>,
+    guest: &GuestMmu,
+    sp: SpIndex,
+    i: usize,
+) -> i32 {
+    let slots = mem.slots;
     let page = mmu.get(sp);
     let role = page.role;
     let wide = !role.has_4_byte_gpte();
@@ -445,7 +454,10 @@ pub fn sync_spte(mmu: &mut Mmu, slots: &MemSlots, guest: &GuestMmu, sp: SpIndex,
         dirty_log: slots.lookup(gfn).is_some_and(|s| s.dirty_logging()),
         nx_huge_pages: false,
     };
-    let (spte, _) = make_spte(&input, || mmu.try_to_unsync_pages(gfn, false, true));
+    let (spte, r) = make_spte(&input, || mmu.try_to_unsync_pages(gfn, false, true));
+    if r.mark_dirty {
+        mem.mark_dirty(gfn);
+    }
     i32::from(mmu.update_spte(sptep, spte))
 }
 
@@ -453,7 +465,7 @@ pub fn sync_spte(mmu: &mut Mmu, slots: &MemSlots, guest: &GuestMmu, sp: SpIndex,
 /// write-protecting their gfns first.
 pub fn sync_children(
     mmu: &mut Mmu,
-    slots: &MemSlots,
+    mem: LoggedMem<'_>,
     guest: &GuestMmu,
     root_role: Role,
     parent: SpIndex,
@@ -473,7 +485,7 @@ pub fn sync_children(
         }
         for (sp, path) in std::mem::take(&mut batch) {
             mmu.unlink_unsync_page(sp);
-            let ret = sync_page(mmu, slots, guest, root_role, sp);
+            let ret = sync_page(mmu, mem, guest, root_role, sp);
             if ret < 0 {
                 mmu.prepare_zap(sp, &mut invalid_list);
             }
