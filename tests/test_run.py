@@ -169,13 +169,15 @@ class Guest:
         self.vm.close()
 
 
-@pytest.fixture
-def guests(kvm: kvmmmu.Kvm, request: pytest.FixtureRequest) -> Iterator[list[Guest]]:
+def sim_differs(kvm: kvmmmu.Kvm, request: pytest.FixtureRequest, reason: str) -> None:
+    """A known difference of the simulator from the device: its half is an expected
+    failure (strict, so a fix shows up as XPASS and the mark must go)."""
     if kvm.backend == "sim":
-        # TEMPORARY, until the simulator's KVM_RUN lands (issue 7).
-        request.node.add_marker(
-            pytest.mark.xfail(strict=False, reason="simulator KVM_RUN not landed")
-        )
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+
+
+@pytest.fixture
+def guests(kvm: kvmmmu.Kvm) -> Iterator[list[Guest]]:
     made: list[Guest] = []
     yield made
     for g in made:
@@ -252,10 +254,19 @@ def test_in_completes_on_reentry(kvm: kvmmmu.Kvm, guests: list[Guest], mode: str
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_string_io(kvm: kvmmmu.Kvm, guests: list[Guest], mode: str) -> None:
+def test_string_io(
+    kvm: kvmmmu.Kvm, guests: list[Guest], mode: str, request: pytest.FixtureRequest
+) -> None:
     """REP OUTSB exits once per element (count 1, RCX already counted down, RIP on the
-    instruction until the last); REP INSW reads ahead: one exit with count = RCX, and
-    the ``size*count`` bytes given back land in memory in order."""
+    instruction at every exit, the last one with RCX 0 included); REP INSW reads ahead:
+    one exit with count = RCX, and the ``size*count`` bytes given back land in memory
+    in order."""
+    sim_differs(
+        kvm,
+        request,
+        "the simulator moves RIP past REP OUTS at the last element's exit and exits once "
+        "per element of REP INS (KVM reads ahead: one exit with count = RCX)",
+    )
     bits = 64 if mode == "lm64" else 32
     code = asm(
         bits,
@@ -455,18 +466,10 @@ def test_kick_before_run(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
     assert g.run() == ExitHlt()
 
 
-def needs_running_kick(kvm: kvmmmu.Kvm) -> None:
-    """A kick reaches a simulated vCPU inside KVM_RUN through the core's kick; without
-    it the test would hang, so it is not run (TEMPORARY, until it lands)."""
-    if isinstance(kvm.transport, kvmmmu.SimTransport) and not hasattr(kvm.transport.core, "kick"):
-        pytest.xfail("the simulator's kick (Vcpu::kick) has not landed")
-
-
 @pytest.mark.parametrize("runner", ["worker", "main"])
 def test_kick_interrupts_a_running_vcpu(kvm: kvmmmu.Kvm, guests: list[Guest], runner: str) -> None:
     """An endless loop is stopped by a kick from another thread: the vCPU running on a
     worker thread and kicked from the main thread, or the reverse."""
-    needs_running_kick(kvm)
     g = make(kvm, guests, "lm64", asm(64, [jmp_self(64)]))
     result: list[Exit | BaseException] = []
 
@@ -507,7 +510,6 @@ def test_kick_is_never_lost(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
     """One kick at a random moment of a busy exit loop (OUT, run again) on a worker
     thread always ends that loop with ExitIntr, wherever it lands: inside KVM_RUN,
     between two runs, or while the exit is handled."""
-    needs_running_kick(kvm)
     code = asm(64, [label(out_imm(0x10, 1), 1), I.create_branch(Code.JMP_REL8_64, 1)])
     g = make(kvm, guests, "lm64", code)
     rng = random.Random(7)
@@ -601,21 +603,74 @@ def test_run_errno(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
     vm.close()
 
 
-def test_emulation_failure_insn_bytes(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
-    """A long-mode INT3 at CPL0: KVM's emulator does not do INT outside real mode, so
-    KVM_EXIT_INTERNAL_ERROR / EMULATION with the instruction bytes."""
+def test_emulation_failure_int3(
+    kvm: kvmmmu.Kvm, guests: list[Guest], request: pytest.FixtureRequest
+) -> None:
+    """A long-mode INT3 at CPL0: KVM's emulator does INT only in real mode, so
+    KVM_EXIT_INTERNAL_ERROR / EMULATION with the instruction bytes, RIP on the INT3."""
+    sim_differs(kvm, request, "the simulator delivers INT3 through the IDT in every mode")
     code = asm(64, [I.create(Code.NOPD), I.create(Code.INT3), hlt()])
     g = make(kvm, guests, "lm64", code)
     e = g.run()
     assert isinstance(e, ExitInternalError), e
     assert e.suberror == uapi.KVM_INTERNAL_ERROR_EMULATION
-    assert e.flags & uapi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
-    # What the emulator fetched: a whole 15-byte window from RIP (the INT3, the HLT,
-    # then the zeros after the code), not just the instruction.
     assert e.insn_bytes == g.mem.read(CODE + 1, 15)
-    assert e.data[0] == e.flags
-    assert "INTERNAL_ERROR EMULATION" in str(e)
     assert g.rip == CODE + 1
+
+
+# FSIN (x87) is beyond KVM's emulator and the simulator's: the instruction sits at
+# `at`, the HLT after it, a HLT and NOPs at the start of the next page.
+FETCH_CASES = [(0x1FF0, 15), (0x1FFB, 5), (0x1FFD, 3), (0x1FFF, 15)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("at", "fetched"), FETCH_CASES)
+def test_emulation_failure_insn_bytes(
+    kvm: kvmmmu.Kvm, guests: list[Guest], mode: str, at: int, fetched: int
+) -> None:
+    """KVM_INTERNAL_ERROR_EMULATION reports what the emulator fetched: 15 bytes from RIP,
+    cut at the end of the page unless the instruction itself crosses it (then the
+    fetch goes on into the next page); RIP stays on the instruction."""
+    bits = 64 if mode == "lm64" else 32
+    g = make(kvm, guests, mode, asm(bits, [hlt()]))
+    g.mem.write(at, asm(bits, [I.create(Code.FSIN), hlt()], rip=at))
+    g.mem.write(0x2000, b"\xf4\x90\x90")
+    r = g.vcpu.get_regs()
+    r.rip = at
+    g.vcpu.set_regs(r)
+    e = g.run()
+    assert isinstance(e, ExitInternalError), e
+    assert e.suberror == uapi.KVM_INTERNAL_ERROR_EMULATION
+    assert e.flags == uapi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+    assert e.insn_bytes == g.mem.read(at, fetched)
+    assert len(e.data) == 8  # flags, 2 words of bytes, 5 of exit info
+    assert e.data[0] == e.flags
+    assert str(e).startswith("INTERNAL_ERROR EMULATION insn=d9 f")
+    assert g.rip == at
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_emulation_failure_raw_words(
+    kvm: kvmmmu.Kvm, guests: list[Guest], mode: str, request: pytest.FixtureRequest
+) -> None:
+    """The rest of the emulation_failure words as the device fills them: insn_bytes past
+    insn_size padded with 0x90 (KVM's memset), and the vendor exit info (kvm_pvm's)
+    0x1000, 0, 0, 0, 0 whatever the RIP."""
+    sim_differs(
+        kvm, request, "the simulator pads insn_bytes with 0 and reports RIP as the exit info"
+    )
+    bits = 64 if mode == "lm64" else 32
+    at = 0x1FFD
+    g = make(kvm, guests, mode, asm(bits, [hlt()]))
+    g.mem.write(at, asm(bits, [I.create(Code.FSIN), hlt()], rip=at))
+    r = g.vcpu.get_regs()
+    r.rip = at
+    g.vcpu.set_regs(r)
+    e = g.run()
+    assert isinstance(e, ExitInternalError), e
+    raw = struct.pack("<2Q", e.data[1], e.data[2])
+    assert raw == b"\x03\xd9\xfe\xf4" + b"\x90" * 12
+    assert e.info == (0x1000, 0, 0, 0, 0)
 
 
 @pytest.mark.parametrize("mode", MODES)

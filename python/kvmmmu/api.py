@@ -736,14 +736,18 @@ class _Runner:
             self.thread = None
 
     def kick(self, transport: Transport, fd: int) -> None:
-        if isinstance(transport, SimTransport):
-            kick = getattr(transport.core, "kick", None)
-            if kick is not None:
-                kick(fd)
-            return
         with self._lock:
             # Held across the send: the thread cannot finish leave() and exit before.
-            if self.thread is not None and _install_kick_handler():
+            if self.thread is None:
+                return  # immediate_exit alone stops the next run
+            if isinstance(transport, SimTransport):
+                # The core's stand-in for the signal, checked (with immediate_exit)
+                # between batches of instructions.
+                try:
+                    transport.core.kick(fd)
+                except OSError:
+                    pass  # closed meanwhile: nothing runs
+            elif _install_kick_handler():
                 signal.pthread_kill(self.thread, KICK_SIGNAL)
 
 

@@ -126,6 +126,18 @@ impl SimKvm {
         self.inner.fds()
     }
 
+    /// Vcpu::kick on a vCPU descriptor: a running or about-to-run KVM_RUN returns
+    /// EINTR, as the signal a VMM sends to the vCPU thread does on the device.
+    fn kick(&self, fd: i32) -> PyResult<()> {
+        match self.inner.file(fd).py_err()? {
+            KvmFile::Vcpu(vcpu) => {
+                vcpu.kick();
+                Ok(())
+            }
+            _ => Err(os_error(Errno::EINVAL)),
+        }
+    }
+
     /// The simulator-only MMU surface of a vCPU descriptor.
     fn vcpu_mmu(&self, fd: i32) -> PyResult<VcpuMmu> {
         match self.inner.file(fd).py_err()? {
