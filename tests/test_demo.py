@@ -1,6 +1,6 @@
 """The bundled demo guest (``kvmmmu run``): what it does on the device here, and the
-same exit sequence, guest-reported faults, memory, A/D bits and dirty pages on the
-simulator (once the simulator's KVM_RUN exists; xfail until then)."""
+same exit sequence, guest-reported faults, memory, A/D bits, dirty pages and
+counters on the simulator."""
 
 from __future__ import annotations
 
@@ -15,9 +15,6 @@ from .conftest import DEVICE, DEVICE_PROBLEM, make_kvm
 
 needs_device = pytest.mark.skipif(
     DEVICE_PROBLEM is not None, reason=f"no usable KVM device: {DEVICE_PROBLEM}"
-)
-SIM_RUN = pytest.mark.xfail(
-    raises=OSError, strict=False, reason="the simulator's KVM_RUN has not landed yet"
 )
 
 EXPECTED_DIRTY = [0, 1, 2, 4, 5, 8, 10, 11, 12, 20]
@@ -62,13 +59,11 @@ def test_demo_on_the_device() -> None:
     assert len(res.events) == 27
 
 
-@SIM_RUN
 def test_demo_on_the_simulator() -> None:
     check_demo(run_demo("sim"))
 
 
 @needs_device
-@SIM_RUN
 def test_demo_is_the_same_on_both_backends() -> None:
     dev, sim = run_demo("dev"), run_demo("sim")
     assert sim.exits == dev.exits
@@ -106,16 +101,15 @@ def test_cli_run_dot_needs_the_simulator(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["run", "--backend", "dev", "--dot", "x.dot"]) == 2
 
 
-@SIM_RUN
 def test_cli_run_default_is_the_simulator(
     capsys: pytest.CaptureFixture[str], tmp_path: object
 ) -> None:
     path = f"{tmp_path}/mmu.dot"
     rc = main(["run", "--dot", path])
     out, err = capsys.readouterr()
-    if "KVM_RUN failed" in err:
-        raise OSError(err)
     assert rc == 0, out + err
+    assert main([]) == 0  # no arguments: the same run
+    assert "27 exits" in capsys.readouterr().out
     assert "on the simulator" in out and "shadow pages written to" in out
     with open(path) as f:
         assert f.read().startswith("digraph")
