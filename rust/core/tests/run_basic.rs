@@ -164,3 +164,37 @@ fn compute_loop_and_flags() {
     // CF, PF, AF, ZF and the fixed bit.
     assert_eq!(r.rsi & 0xfff, 0x57);
 }
+
+#[test]
+fn string_io_exits() {
+    // REP OUTSB: one exit per byte, RIP on the instruction (also after the last,
+    // until the re-entry finishes it); REP INSW: one exit for the whole count.
+    let data = 0x3000u64;
+    let g = guest(|a| {
+        a.mov(ecx, 4)?;
+        a.mov(edx, 0x30)?;
+        a.mov(esi, data as u32)?;
+        a.rep().outsb()?;
+        a.mov(ecx, 3)?;
+        a.mov(edi, data as u32 + 0x100)?;
+        a.rep().insw()?;
+        a.hlt()?;
+        Ok(())
+    });
+    g.write_bytes(data, b"abcd");
+    for (i, byte) in b"abcd".iter().enumerate() {
+        assert_eq!(g.run(), (Ok(0), KVM_EXIT_IO));
+        assert_eq!(g.run_bytes(EXIT_UNION, 2), [KVM_EXIT_IO_OUT, 1]);
+        assert_eq!(u32_at(&g, EXIT_UNION + 4), 1);
+        assert_eq!(g.run_bytes(4096, 1), [*byte]);
+        let r = g.vcpu.get_regs();
+        assert_eq!((r.rip, r.rcx), (CODE + 15, 3 - i as u64));
+    }
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_IO));
+    assert_eq!(g.run_bytes(EXIT_UNION, 2), [KVM_EXIT_IO_IN, 2]);
+    assert_eq!(u32_at(&g, EXIT_UNION + 4), 3);
+    g.put_run_bytes(4096, &[1, 2, 3, 4, 5, 6]);
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    assert_eq!(g.read_bytes(data + 0x100, 8), [1, 2, 3, 4, 5, 6, 0, 0]);
+    assert_eq!(g.vcpu.get_regs().rcx, 0);
+}

@@ -116,12 +116,12 @@ impl Vcpu {
         // complete_userspace_io.
         let mut resume_one = false;
         match emu.pending_read.take() {
-            Some(PendingRead::Mmio { len, .. }) => {
+            Some(PendingRead::Mmio { lin, gpa, len }) => {
                 let mut d = [0u8; 8];
                 let _ = self.run_area().read(run_off::EXIT_UNION + 8, &mut d);
                 let n = (len as usize).min(8);
                 d[n..].fill(0);
-                emu.mmio_in.push_back(d);
+                emu.mmio_in.push_back((lin, gpa, d));
                 resume_one = true;
             }
             Some(PendingRead::Pio { size, count, .. }) => {

@@ -152,8 +152,17 @@ pub fn ud() -> Stop {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PendingRead {
     None,
-    Mmio { gpa: u64, len: u32 },
-    Pio { port: u16, size: u8, count: u32 },
+    /// The fragment at linear address `lin`.
+    Mmio {
+        lin: u64,
+        gpa: u64,
+        len: u32,
+    },
+    Pio {
+        port: u16,
+        size: u8,
+        count: u32,
+    },
 }
 
 /// KVM_SET_GUEST_DEBUG state.
@@ -185,8 +194,10 @@ pub struct EmuState {
     pub decode: DecodeCache,
     /// A read exit userspace answers on the next KVM_RUN.
     pub pending_read: Option<PendingRead>,
-    /// Data userspace supplied for MMIO read fragments, consumed in order.
-    pub mmio_in: VecDeque<[u8; 8]>,
+    /// Data userspace supplied for MMIO read fragments (linear address, gpa,
+    /// data), consumed in order by the instruction's rerun without a new
+    /// translation (KVM completes the emulated read with it).
+    pub mmio_in: VecDeque<(u64, u64, [u8; 8])>,
     /// Data userspace supplied for a port read (size * count bytes).
     pub pio_in: Option<Vec<u8>>,
     /// MMIO write fragments of a completed instruction not yet reported.
@@ -574,12 +585,17 @@ impl<'a> Cpu<'a> {
             };
             let n = (buf.len() - done).min(4096 - (addr & 0xfff) as usize);
             let chunk = &mut buf[done..done + n];
+            if !kind.write && self.emu.mmio_in.front().is_some_and(|f| f.0 == addr) {
+                self.mmio_completed(addr, chunk)?;
+                done += n;
+                continue;
+            }
             let out = self
                 .vcpu
                 .access_locked(self.st, self.vm, addr, chunk, kind, ptw)?;
             match out {
                 AccessOutcome::Done => {}
-                AccessOutcome::Mmio { gpa } => self.mmio(gpa, chunk, kind.write)?,
+                AccessOutcome::Mmio { gpa } => self.mmio(addr, gpa, chunk, kind.write)?,
                 AccessOutcome::Fault(e) => return Err(walk_fault(e)),
                 AccessOutcome::DirtyRingFull => return Err(Stop::Exit(Exit::DirtyRingFull)),
             }
@@ -589,29 +605,55 @@ impl<'a> Cpu<'a> {
     }
 
     /// An access that reached no memory: KVM's emulated MMIO, in fragments of 8 bytes.
-    fn mmio(&mut self, gpa: u64, chunk: &mut [u8], write: bool) -> R<()> {
-        for (i, frag) in chunk.chunks_mut(8).enumerate() {
+    fn mmio(&mut self, lin: u64, gpa: u64, chunk: &mut [u8], write: bool) -> R<()> {
+        if !write {
+            let len = chunk.len().min(8) as u32;
+            self.emu.pending_read = Some(PendingRead::Mmio { lin, gpa, len });
+            return Err(Stop::Exit(Exit::Mmio {
+                gpa,
+                len,
+                write: false,
+                data: [0; 8],
+            }));
+        }
+        for (i, frag) in chunk.chunks(8).enumerate() {
+            let mut d = [0u8; 8];
+            d[..frag.len()].copy_from_slice(frag);
             let gpa = gpa.wrapping_add(8 * i as u64);
-            let len = frag.len() as u32;
-            if write {
-                let mut d = [0u8; 8];
-                d[..frag.len()].copy_from_slice(frag);
-                self.emu.mmio_out.push_back((gpa, len, d));
-            } else if let Some(d) = self.emu.mmio_in.pop_front() {
-                frag.copy_from_slice(&d[..frag.len()]);
-                // Completing the read is not a new emulation for KVM (it counts the
-                // decode once); the rerun's access path counted it again.
-                self.vcpu
-                    .stats
-                    .sub(crate::stats::VcpuStat::InsnEmulation as usize, 1);
-            } else {
-                self.emu.pending_read = Some(PendingRead::Mmio { gpa, len });
-                return Err(Stop::Exit(Exit::Mmio {
-                    gpa,
-                    len,
-                    write: false,
-                    data: [0; 8],
-                }));
+            self.emu.mmio_out.push_back((gpa, frag.len() as u32, d));
+        }
+        Ok(())
+    }
+
+    /// The rerun of a read that exited: the data userspace gave, fragment by
+    /// fragment; a fragment still missing is the next exit.
+    fn mmio_completed(&mut self, lin: u64, chunk: &mut [u8]) -> R<()> {
+        let Some(&(_, gpa0, _)) = self.emu.mmio_in.front() else {
+            return Ok(());
+        };
+        let len = chunk.len();
+        for (i, frag) in chunk.chunks_mut(8).enumerate() {
+            let flin = lin.wrapping_add(8 * i as u64);
+            match self.emu.mmio_in.front() {
+                Some(&(l, _, d)) if l == flin => {
+                    frag.copy_from_slice(&d[..frag.len()]);
+                    self.emu.mmio_in.pop_front();
+                }
+                _ => {
+                    let gpa = gpa0.wrapping_add(8 * i as u64);
+                    let n = (len - 8 * i).min(8) as u32;
+                    self.emu.pending_read = Some(PendingRead::Mmio {
+                        lin: flin,
+                        gpa,
+                        len: n,
+                    });
+                    return Err(Stop::Exit(Exit::Mmio {
+                        gpa,
+                        len: n,
+                        write: false,
+                        data: [0; 8],
+                    }));
+                }
             }
         }
         Ok(())

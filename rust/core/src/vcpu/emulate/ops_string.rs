@@ -95,7 +95,21 @@ impl Cpu<'_> {
                 self.io_permitted(port, size)?;
                 // The destination's segment checks come before the port read.
                 self.linearize(SegReg::Es, di, size, true)?;
-                let v = self.port_in(port, size)?;
+                // pio_in_emulated: up to the page end (or start, with DF), at most
+                // 1024 bytes, at most the count.
+                let off = (di & 0xfff) as u32;
+                let in_page = if self.flag(DF) {
+                    off / size
+                } else {
+                    (4096 - off) / size
+                };
+                let count = if rep {
+                    let c = self.reg(1, asize, false).min(u64::from(u32::MAX)) as u32;
+                    c.min(in_page.max(1)).min(1024 / size)
+                } else {
+                    1
+                };
+                let v = self.port_in(port, size, count)?;
                 self.write_mem(SegReg::Es, di, size, v)?;
                 adv_di = true;
             }
@@ -133,8 +147,10 @@ impl Cpu<'_> {
                     more = false;
                 }
             }
-            if more {
-                // Run this instruction again for the next iteration.
+            // Run this instruction again for the next iteration; after an OUTS
+            // exit KVM's emulator also reruns it once more to finish (RIP stays on
+            // it until the re-entry, as on the device).
+            if more || (m == M::Outsb || m == M::Outsw || m == M::Outsd) {
                 self.next_rip = self.st.regs.rip;
             }
         }
@@ -153,7 +169,7 @@ impl Cpu<'_> {
         let size = ins.op_register(data_op).size() as u32;
         self.io_permitted(port, size)?;
         if input {
-            let v = self.port_in(port, size)?;
+            let v = self.port_in(port, size, 1)?;
             self.set_reg(0, size, false, v);
         } else {
             let v = self.reg(0, size, false);
@@ -162,24 +178,29 @@ impl Cpu<'_> {
         Ok(())
     }
 
-    /// A port read: the data userspace gave on re-entry, or a KVM_EXIT_IO.
-    fn port_in(&mut self, port: u16, size: u32) -> R<u64> {
-        if let Some(d) = self.emu.pio_in.take() {
+    /// A port read: the data userspace gave on re-entry, or a KVM_EXIT_IO for
+    /// `count` accesses (a REP INS reads ahead, as KVM's emulator does).
+    fn port_in(&mut self, port: u16, size: u32, count: u32) -> R<u64> {
+        if let Some(d) = self.emu.pio_in.as_mut() {
             let mut b = [0u8; 8];
             let n = d.len().min(size as usize);
             b[..n].copy_from_slice(&d[..n]);
+            d.drain(..n);
+            if d.is_empty() {
+                self.emu.pio_in = None;
+            }
             return Ok(u64::from_le_bytes(b));
         }
         self.emu.pending_read = Some(PendingRead::Pio {
             port,
             size: size as u8,
-            count: 1,
+            count,
         });
         Err(Stop::Exit(Exit::Io {
             port,
             size: size as u8,
             input: true,
-            count: 1,
+            count,
             data: [0; 8],
         }))
     }

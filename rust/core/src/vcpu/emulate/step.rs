@@ -4,7 +4,10 @@
 
 use super::alu::flags::*;
 use super::exception::EventKind;
-use super::{vector, Cpu, Exc, Exit, Stop, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP};
+use super::{
+    vector, Cpu, Exc, Exit, Stop, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_HW_BP,
+};
 use crate::errno::Errno;
 use crate::vcpu::debugregs::DR6_ACTIVE_LOW;
 use crate::vcpu::events;
@@ -42,6 +45,9 @@ impl Cpu<'_> {
         let out_len = self.emu.mmio_out.len();
         self.exit_after = None;
         self.shadow_set = 0;
+        if self.emu.guest_debug.control & KVM_GUESTDBG_USE_HW_BP != 0 {
+            self.check_code_breakpoint()?;
+        }
         let res = match self.fetch_decode() {
             Ok(ins) => {
                 self.next_rip = rip0.wrapping_add(ins.len() as u64) & self.code_mask();
@@ -54,7 +60,10 @@ impl Cpu<'_> {
                 self.st.regs.rip = self.next_rip;
                 self.emu.retired = self.emu.retired.wrapping_add(1);
                 self.emu.mmio_in.clear();
-                self.emu.pio_in = None;
+                if self.next_rip != rip0 {
+                    // A REP INS keeps the rest of what one exit read ahead.
+                    self.emu.pio_in = None;
+                }
                 self.st.events.interrupt_shadow = self.shadow_set;
                 let tf = rflags0 & TF != 0 && shadow_before & super::SHADOW_MOV_SS == 0;
                 if self.single_stepping() {
@@ -86,6 +95,8 @@ impl Cpu<'_> {
                 self.emu.mmio_out.truncate(out_len);
                 match stop {
                     Stop::Exc(e) => {
+                        self.emu.mmio_in.clear();
+                        self.emu.pio_in = None;
                         // Faults push the faulting instruction's address.
                         self.raise(e, rip0, EventKind::Exception)
                             .map_err(|s| self.stop_to_run(s))?;
@@ -108,6 +119,33 @@ impl Cpu<'_> {
             // Unreachable: raise() resolves exceptions.
             Stop::Exc(_) => RunStop::Exit(Exit::Shutdown),
         }
+    }
+
+    /// kvm_vcpu_check_code_breakpoint: userspace's execute breakpoints (DR0-3 with
+    /// R/W = 00 in its DR7) match the linear RIP before the instruction; as on the
+    /// device (KVM's check before each emulated instruction), RFLAGS.RF is ignored.
+    fn check_code_breakpoint(&self) -> Result<(), RunStop> {
+        let gd = &self.emu.guest_debug;
+        let dr7 = gd.debugreg[7];
+        let pc = self.st.sregs.cs.base.wrapping_add(self.st.regs.rip);
+        let pc = if self.mode64() { pc } else { pc & 0xffff_ffff };
+        let mut dr6 = 0u64;
+        for i in 0..4 {
+            let enabled = (dr7 >> (2 * i)) & 3 != 0;
+            let rw = (dr7 >> (16 + 4 * i)) & 3;
+            if enabled && rw == 0 && gd.debugreg[i] == pc {
+                dr6 |= 1 << i;
+            }
+        }
+        if dr6 == 0 {
+            return Ok(());
+        }
+        Err(RunStop::Exit(Exit::Debug {
+            exception: u32::from(vector::DB),
+            pc,
+            dr6: Some(dr6 | DR6_ACTIVE_LOW),
+            dr7: None,
+        }))
     }
 
     /// Exits owed after a completed instruction: MMIO write fragments, then OUT/HLT.
