@@ -579,7 +579,7 @@ class Vcpu(_VmOrVcpu):
         try:
             self.transport.ioctl(fd, uapi.KVM_RUN, 0)
         except InterruptedError:
-            self._last_exit = _exits.ExitIntr()
+            self._last_exit = _exits._INTR
             return self._last_exit
         finally:
             runner.leave()

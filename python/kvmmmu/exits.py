@@ -270,24 +270,55 @@ _U64 = struct.Struct("<Q")
 _INSN_BYTES = 1 + 15  # insn_size, insn_bytes[15], at data[1]
 
 
+# The hot records are built through their slots: a frozen dataclass's __init__ costs
+# a generic object.__setattr__ per field, about half of run()'s own time.
+_new = object.__new__
+_set_reason = Exit.reason.__set__  # type: ignore[attr-defined]
+_IO_SETTERS = tuple(
+    getattr(ExitIo, name).__set__ for name in ("port", "size", "count", "is_write", "data")
+)
+_MMIO_SETTERS = tuple(getattr(ExitMmio, name).__set__ for name in ("phys_addr", "data", "is_write"))
+
+
+def _make_io(port: int, size: int, count: int, is_write: bool, data: bytes) -> ExitIo:
+    e: ExitIo = _new(ExitIo)
+    _set_reason(e, uapi.KVM_EXIT_IO)
+    set_port, set_size, set_count, set_is_write, set_data = _IO_SETTERS
+    set_port(e, port)
+    set_size(e, size)
+    set_count(e, count)
+    set_is_write(e, is_write)
+    set_data(e, data)
+    return e
+
+
 def _io(buf: memoryview | bytes) -> ExitIo:
     direction, size, port, count, start = _IO.unpack_from(buf, _UNION)
     if direction != uapi.KVM_EXIT_IO_OUT:
-        return ExitIo(port=port, size=size, count=count, is_write=False)
+        return _make_io(port, size, count, False, b"")
     n = size * count
     if start + n > len(buf):
         raise ValueError(f"kvm_run.io data at {start:#x}+{n} is outside the vCPU mmap")
-    return ExitIo(
-        port=port, size=size, count=count, is_write=True, data=bytes(buf[start : start + n])
-    )
+    return _make_io(port, size, count, True, bytes(buf[start : start + n]))
 
 
 def _mmio(buf: memoryview | bytes) -> ExitMmio:
     phys_addr, data, length, is_write = _MMIO.unpack_from(buf, _UNION)
     n = min(length, 8)
-    return ExitMmio(
-        phys_addr=phys_addr, data=data[:n] if is_write else bytes(n), is_write=bool(is_write)
-    )
+    e: ExitMmio = _new(ExitMmio)
+    _set_reason(e, uapi.KVM_EXIT_MMIO)
+    set_phys_addr, set_data, set_is_write = _MMIO_SETTERS
+    set_phys_addr(e, phys_addr)
+    set_data(e, data[:n] if is_write else bytes(n))
+    set_is_write(e, bool(is_write))
+    return e
+
+
+# Records without fields are shared.
+_HLT = ExitHlt()
+_SHUTDOWN = ExitShutdown()
+_DIRTY_RING_FULL = ExitDirtyRingFull()
+_INTR = ExitIntr()
 
 
 def _internal(buf: memoryview | bytes) -> ExitInternalError:
@@ -317,16 +348,16 @@ def decode(run: uapi.kvm_run | memoryview | bytes) -> Exit:
     """The record for the exit described by ``kvm_run`` (after a successful KVM_RUN):
     ``run`` is the vCPU's mmap (a buffer starting with kvm_run; KVM_EXIT_IO keeps the
     OUT data further in, at ``io.data_offset``) or a :class:`uapi.kvm_run`."""
-    buf = _run_bytes(run) if isinstance(run, uapi.kvm_run) else run
+    buf = run if isinstance(run, (memoryview, bytes)) else _run_bytes(run)
     (reason,) = _EXIT_REASON.unpack_from(buf, 8)
     if reason == uapi.KVM_EXIT_IO:
         return _io(buf)
     if reason == uapi.KVM_EXIT_MMIO:
         return _mmio(buf)
     if reason == uapi.KVM_EXIT_HLT:
-        return ExitHlt()
+        return _HLT
     if reason == uapi.KVM_EXIT_SHUTDOWN:
-        return ExitShutdown()
+        return _SHUTDOWN
     if reason == uapi.KVM_EXIT_INTERNAL_ERROR:
         return _internal(buf)
     if reason == uapi.KVM_EXIT_FAIL_ENTRY:
@@ -336,9 +367,9 @@ def decode(run: uapi.kvm_run | memoryview | bytes) -> Exit:
         exception, pc, dr6, dr7 = _DEBUG.unpack_from(buf, _UNION)
         return ExitDebug(exception=exception, pc=pc, dr6=dr6, dr7=dr7)
     if reason == uapi.KVM_EXIT_DIRTY_RING_FULL:
-        return ExitDirtyRingFull()
+        return _DIRTY_RING_FULL
     if reason == uapi.KVM_EXIT_INTR:
-        return ExitIntr()
+        return _INTR
     if reason == uapi.KVM_EXIT_SYSTEM_EVENT:
         return _system_event(buf)
     if reason == uapi.KVM_EXIT_UNKNOWN:
