@@ -21,6 +21,7 @@ from kvmmmu.guest.asm import Asm, AsmError
 from kvmmmu.guest.builder import (
     CODE,
     DEVICE_MODES,
+    IST1_TOP,
     KSTACK_TOP,
     MODES,
     REPORT,
@@ -485,3 +486,24 @@ def test_touch_pages_and_exit_loop(backend: str, cpl: int) -> None:
         assert isinstance(e, exits.ExitMmio if cpl else exits.ExitHlt), str(e)
         m2.vcpu.close()
         m2.vm.close()
+
+
+@pytest.mark.parametrize("backend", ["sim", "dev"])
+@pytest.mark.parametrize("cpl", [0, 3])
+def test_ist_stack(backend: str, cpl: int) -> None:
+    """A gate with IST1 switches to TSS.IST1 at any CPL (and without IST a CPL0
+    fault stays on the current stack, a CPL3 one goes to TSS.RSP0)."""
+    for ist in (True, False):
+        g = Guest("lm64", ist_vectors=frozenset({6}) if ist else frozenset())
+        g.asm.ud2()
+        with backend_kvm(backend) as kvm:
+            m = g.boot(kvm, cpl=cpl)
+            _, rep = run_to_report(m)
+            assert rep is not None and rep.vector == 6
+            frame = m.stub_frame()
+            top = IST1_TOP if ist else (KSTACK_TOP if cpl == 3 else frame["rsp"])
+            # the CPU pushed 5 qwords, the stub 3 (error-code slot, rax, rdx)
+            assert m.vcpu.get_regs().rsp == (top & ~0xF) - 8 * 8
+            assert frame["rsp"] == (USTACK_TOP if cpl == 3 else KSTACK_TOP)
+            m.vcpu.close()
+            m.vm.close()

@@ -83,6 +83,8 @@ class Guest:
     mode: str = "lm64"
     low_size: int = 4 << 20
     slots: list[Slot] = field(default_factory=list)
+    #: long mode: vectors whose gate switches to the IST1 stack (TSS.IST1 = IST1_TOP)
+    ist_vectors: frozenset[int] = frozenset({8})
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -192,7 +194,9 @@ class Guest:
             long_mode = self.bitness == 64
             self.mem.write(GDT, L.gdt(TSS, long_mode=long_mode))
             if long_mode:
-                idt = b"".join(L.gate64(entry[v], ist=1 if v == 8 else 0) for v in range(32))
+                idt = b"".join(
+                    L.gate64(entry[v], ist=1 if v in self.ist_vectors else 0) for v in range(32)
+                )
                 self.mem.write(TSS, L.tss64(KSTACK_TOP, ist=(IST1_TOP,)))
             else:
                 idt = b"".join(L.gate32(entry[v]) for v in range(32))
