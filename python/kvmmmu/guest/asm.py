@@ -25,7 +25,15 @@ The mnemonic and operands select an iced ``Code`` from iced's own opcode tables
 operand kinds accept the operands, the shortest encoding winning. Iced's ``Encoder``
 produces the bytes; branches to labels start short and grow to near until every
 target is in range. String instructions take a ``rep_``/``repe_``/``repne_`` prefix in
-their name (``a.rep_stosq()``). Nothing here is hand-encoded.
+their name (``a.rep_stosq()``); Python keywords take a trailing underscore
+(``a.in_(al, dx)``, ``a.and_(...)``). Nothing here is hand-encoded.
+
+Details: a label used as an immediate selects the widest immediate form (its
+address is not known until layout); ``[label]`` is RIP-relative in 64-bit code and an
+absolute disp32/disp16 otherwise; a memory operand's size may be left out
+(``mem[...]``) only where the other operands or the instruction decide it; where a
+16-bit register has both an o16 and a prefix-free 32-bit form (``ltr``, ``mov sreg``)
+the 32-bit register gives the shorter one.
 """
 
 from __future__ import annotations
