@@ -556,6 +556,37 @@ def test_single_step(kvm: kvmmmu.Kvm, guests: list[Guest], mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_single_step_over_exits(
+    kvm: kvmmmu.Kvm, guests: list[Guest], mode: str, request: pytest.FixtureRequest
+) -> None:
+    """Single-stepping instructions that exit: the OUT and the MMIO store give their own
+    exit and no #DB for themselves; a HLT under single-step (emulated at CPL0) does not
+    halt: it exits with #DB at the next instruction, as if it were a NOP."""
+    sim_differs(kvm, request, "the simulator exits with KVM_EXIT_HLT for a single-stepped HLT")
+    bits = 64 if mode == "lm64" else 32
+    instrs = [
+        out_imm(0x10, 1),
+        mov_rbx(bits, MMIO_GPA),
+        I.create_mem_u32(Code.MOV_RM8_IMM8, M(base(bits)), 0x44),
+        hlt(),
+        I.create(Code.NOPD),
+    ]
+    ends = [CODE + len(asm(bits, instrs[: i + 1])) for i in range(len(instrs))]
+    g = make(kvm, guests, mode, asm(bits, instrs))
+    g.vcpu.set_guest_debug(single_step=True)
+    assert g.run() == ExitIo(port=0x10, size=1, count=1, is_write=True, data=b"\x00")
+    assert g.rip == ends[0]
+    e = g.run()
+    assert isinstance(e, ExitDebug) and (e.exception, e.pc) == (1, ends[1])
+    assert g.run() == ExitMmio(phys_addr=MMIO_GPA, data=b"\x44", is_write=True)
+    assert g.rip == ends[2]
+    e = g.run()
+    assert isinstance(e, ExitDebug) and (e.exception, e.pc) == (1, ends[3])
+    e = g.run()
+    assert isinstance(e, ExitDebug) and (e.exception, e.pc) == (1, ends[4])
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_hw_breakpoint(kvm: kvmmmu.Kvm, guests: list[Guest], mode: str) -> None:
     """KVM_GUESTDBG_USE_HW_BP with DR0 on an instruction: #DB exit before it, pc = DR0,
     DR6.B0. KVM's check of userspace breakpoints before an emulated instruction ignores
@@ -595,14 +626,25 @@ def test_run_errno(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
     vm.close()
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sw_bp", [False, True])
 def test_emulation_failure_int3(
-    kvm: kvmmmu.Kvm, guests: list[Guest], request: pytest.FixtureRequest
+    kvm: kvmmmu.Kvm, guests: list[Guest], mode: str, sw_bp: bool, request: pytest.FixtureRequest
 ) -> None:
-    """A long-mode INT3 at CPL0: KVM's emulator does INT only in real mode, so
-    KVM_EXIT_INTERNAL_ERROR / EMULATION with the instruction bytes, RIP on the INT3."""
-    sim_differs(kvm, request, "the simulator delivers INT3 through the IDT in every mode")
-    code = asm(64, [I.create(Code.NOPD), I.create(Code.INT3), hlt()])
-    g = make(kvm, guests, "lm64", code)
+    """An INT3 at CPL0 in protected or long mode: KVM's emulator does INT only in real
+    mode, so KVM_EXIT_INTERNAL_ERROR / EMULATION with the instruction bytes, RIP on the
+    INT3; KVM_GUESTDBG_USE_SW_BP does not turn it into a #BP exit (that takes a
+    hardware #BP intercept, and the emulator never raises one)."""
+    sim_differs(
+        kvm,
+        request,
+        "the simulator delivers INT3 through the IDT in every mode (with sw_bp: a #BP exit)",
+    )
+    bits = 64 if mode == "lm64" else 32
+    code = asm(bits, [I.create(Code.NOPD), I.create(Code.INT3), hlt()])
+    g = make(kvm, guests, mode, code)
+    if sw_bp:
+        g.vcpu.set_guest_debug(sw_bp=True)
     e = g.run()
     assert isinstance(e, ExitInternalError), e
     assert e.suberror == uapi.KVM_INTERNAL_ERROR_EMULATION
