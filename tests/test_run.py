@@ -460,8 +460,8 @@ def test_kick_before_run(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
 
 @pytest.mark.parametrize("runner", ["worker", "main"])
 def test_kick_interrupts_a_running_vcpu(kvm: kvmmmu.Kvm, guests: list[Guest], runner: str) -> None:
-    """An endless loop is stopped by a kick from another thread: the vCPU running on a
-    worker thread and kicked from the main thread, or the reverse."""
+    """An endless loop is stopped by one kick from another thread: the vCPU running on
+    a worker thread and kicked from the main thread, or the reverse."""
     g = make(kvm, guests, "lm64", asm(64, [jmp_self(64)]))
     result: list[Exit | BaseException] = []
 
@@ -471,31 +471,63 @@ def test_kick_interrupts_a_running_vcpu(kvm: kvmmmu.Kvm, guests: list[Guest], ru
         except BaseException as e:  # reported to the main thread
             result.append(e)
 
-    def kick_until_done(done: threading.Event) -> None:
-        # A kick before KVM_RUN is entered is kept by immediate_exit; kick again
-        # anyway in case the first came too early, until the run returns.
-        while not done.wait(0.05):
-            g.vcpu.kick()
+    def kick_later() -> None:
+        time.sleep(0.1)
+        g.vcpu.kick()
 
-    done = threading.Event()
     start = time.monotonic()
     if runner == "worker":
-        t = threading.Thread(target=lambda: (run(), done.set()), daemon=True)
+        t = threading.Thread(target=run, daemon=True)
         t.start()
         time.sleep(0.1)
         assert t.is_alive(), result  # the guest really loops
-        kick_until_done(done)
+        g.vcpu.kick()
         t.join(10)
     else:
-        t = threading.Thread(target=kick_until_done, args=(done,), daemon=True)
+        t = threading.Thread(target=kick_later, daemon=True)
         t.start()
         run()
-        done.set()
         t.join(10)
     assert result == [ExitIntr()]
     assert time.monotonic() - start < 10
     assert g.rip == CODE  # still in the loop
     g.vcpu.immediate_exit = False
+
+
+def test_kick_reaches_only_its_vcpu(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
+    """Two vCPUs of one VM loop on two worker threads; a kick from a third thread
+    stops the one kicked and leaves the other running."""
+    g = make(kvm, guests, "lm64", asm(64, [jmp_self(64)]))
+    vcpus = [g.vcpu, g.vm.create_vcpu(1)]
+    vcpus[1].set_cpuid2(kvm.get_supported_cpuid())
+    vcpus[1].set_sregs(g.vcpu.get_sregs())
+    vcpus[1].set_regs(g.vcpu.get_regs())
+    results: list[list[object]] = [[], []]
+
+    def run(i: int) -> None:
+        try:
+            results[i].append(vcpus[i].run())
+        except BaseException as e:  # reported to the main thread
+            results[i].append(e)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    kicker = threading.Thread(target=vcpus[1].kick, daemon=True)
+    kicker.start()
+    kicker.join(10)
+    threads[1].join(10)
+    assert results[1] == [ExitIntr()]
+    time.sleep(0.1)
+    assert threads[0].is_alive() and results[0] == []
+    assert not vcpus[0].immediate_exit
+    vcpus[0].kick()
+    threads[0].join(10)
+    assert results[0] == [ExitIntr()]
+    for v in vcpus:
+        v.immediate_exit = False
+    vcpus[1].close()
 
 
 def test_kick_is_never_lost(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:

@@ -120,6 +120,8 @@ class Kvm(_Closable):
             transport = SimTransport() if path is None else DevTransport(path)
         self.transport = transport
         self._fd = _Fd(self, transport, transport.open())
+        if isinstance(transport, DevTransport):
+            _install_kick_handler()  # for Vcpu.kick, while (if) on the main thread
 
     @property
     def backend(self) -> str:
