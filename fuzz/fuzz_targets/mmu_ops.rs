@@ -89,6 +89,7 @@
 //!   equal guest memory right after the harvest, except pages still pending (not
 //!   cleared, not reset): an end-to-end no-loss check that also covers writes through
 //!   stale translations, whose gpa the target does not know.
+//!
 //! After every step, besides `Vm::audit` (which checks in bitmap modes that no
 //! writable SPTE escapes the bitmap): each page added to `must` is already in the
 //! bitmap, or in ring mode has an entry not yet reset, and in ring mode every writable
@@ -110,10 +111,16 @@
 //! SPTEs). Aging with clear must leave a range that tests young no more.
 //!
 //! `MMU_FUZZ_VERBOSE=1` prints the decoded input, each step and the VM and vCPU
-//! counters at the end. `MMU_FUZZ_KNOWN` (`|`-separated) lets a run go past bugs
+//! counters at the end; with `MMU_FUZZ_DUMP=1` also every shadow page before each
+//! audit. `MMU_FUZZ_SEEK=ev1,ev2` (operation names such as `HostDiscard`, `tdp` or
+//! `shadow`, the log flavour `bitmap`, `manual`, `initially-set` or `ring`, and
+//! `ring-full`, `inval-eagain`, `discard-logging`, `partial-clear`, `reported`,
+//! `ring-partial`) panics at the end of an input that saw them all: a way to find
+//! seeds (`MMU_FUZZ_SEEK=?` prints the events of each input instead). `MMU_FUZZ_KNOWN` (`|`-separated) lets a run go past bugs
 //! already reported: any substring of a failure message skips that failure, and
 //! `pae-pdptr` (PAE roots kept when MOV CR0/CR3/CR4 reloads other PDPTEs) and
-//! `pse-audit` (the audit reads PS in 32-bit PDEs with CR4.PSE=0) avoid those two.
+//! `pse-audit` (the audit reads PS in 32-bit PDEs with CR4.PSE=0) avoid those two
+//! (both fixed since; the switches stay for bisecting older cores).
 
 #![no_main]
 
@@ -601,6 +608,8 @@ struct Fuzz {
     slot0_flags: u32,
     tlb: Tlb,
     verbose: bool,
+    /// MMU_FUZZ_DUMP: print the shadow pages before each audit.
+    dump: bool,
     /// MMU_FUZZ_SEEK: events (`,`-separated) that make the input stop with a panic at
     /// its end once they all happened (to find seeds), and the events so far.
     seek: Vec<String>,
@@ -623,8 +632,8 @@ fn page_size(mode: PagingMode, level: u8) -> u64 {
 /// memory at `off`.
 fn pattern(host: &HostRegion, off: usize, len: usize, tag: u64) {
     // Computed once per place (the coverage instrumentation makes the loop costly).
-    static CACHE: std::sync::Mutex<Vec<((usize, usize, u64), Arc<Vec<u8>>)>> =
-        std::sync::Mutex::new(Vec::new());
+    type Cache = Vec<((usize, usize, u64), Arc<Vec<u8>>)>;
+    static CACHE: std::sync::Mutex<Cache> = std::sync::Mutex::new(Vec::new());
     let bytes = {
         let mut c = CACHE.lock().unwrap_or_else(|e| e.into_inner());
         match c.iter().find(|(k, _)| *k == (off, len, tag)) {
@@ -663,7 +672,7 @@ impl std::hash::Hasher for FxHasher {
         self.write_u64(u64::from(v));
     }
     fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7cc1_b727_220a_95);
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
     fn write_usize(&mut self, v: usize) {
         self.write_u64(v as u64);
@@ -772,8 +781,14 @@ impl Fuzz {
                 reinterpreted: false,
             },
             verbose: std::env::var_os("MMU_FUZZ_VERBOSE").is_some(),
+            dump: std::env::var_os("MMU_FUZZ_DUMP").is_some(),
             seek: std::env::var("MMU_FUZZ_SEEK")
-                .map(|v| v.split(',').filter(|k| !k.is_empty()).map(String::from).collect())
+                .map(|v| {
+                    v.split(',')
+                        .filter(|k| !k.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
                 .unwrap_or_default(),
             events: HashSet::new(),
             known: std::env::var("MMU_FUZZ_KNOWN")
@@ -1071,7 +1086,31 @@ impl Fuzz {
         }
     }
 
+    /// MMU_FUZZ_DUMP: every shadow page with its non-empty SPTEs (kind, gfn, value).
+    fn dump_shadow_pages(&self) {
+        use kvmmmu_core::mmu::inspect::{shadow_pages, SpteKind};
+        let st = self.g.vm.state();
+        for sp in shadow_pages(&st.mmu) {
+            let sptes: Vec<_> = (0..512)
+                .filter(|&i| sp.kind(i) != SpteKind::None)
+                .map(|i| (i, sp.kind(i), sp.gfns[i], sp.sptes[i].0))
+                .collect();
+            eprintln!(
+                "  sp {} gfn {:#x} level {} direct {} quadrant {} {:?} {sptes:x?}",
+                sp.index,
+                sp.gfn,
+                sp.level(),
+                sp.role.direct(),
+                sp.role.quadrant(),
+                sp.state
+            );
+        }
+    }
+
     fn audit(&self, step: usize, op: &Op) {
+        if self.dump {
+            self.dump_shadow_pages();
+        }
         if let Err(e) = self.g.audit() {
             self.fail(format!(
                 "audit failed after op {step} {op:?} ({:?} guest): {e}",
@@ -1118,7 +1157,11 @@ impl Fuzz {
             }
             .to_string(),
         );
-        if self.seek.iter().all(|e| self.events.contains(e)) {
+        if self.seek == ["?"] {
+            let mut ev: Vec<_> = self.events.iter().collect();
+            ev.sort();
+            eprintln!("MMU_FUZZ_SEEK events: {ev:?}");
+        } else if self.seek.iter().all(|e| self.events.contains(e)) {
             panic!("MMU_FUZZ_SEEK: found {:?}", self.seek);
         }
     }
@@ -1267,8 +1310,7 @@ impl Fuzz {
             if self.inval_ranges.iter().any(|&(a, b)| g >= a && g < b) {
                 if i == last
                     && write
-                    && (slot.readonly()
-                        || (!self.tdp && !st.mmu.gfn_sps_with_gptes(g).is_empty()))
+                    && (slot.readonly() || (!self.tdp && !st.mmu.gfn_sps_with_gptes(g).is_empty()))
                 {
                     // Write-tracked (under shadow paging): emulated before the retry
                     // check. A write to a read-only slot: emulated as MMIO before it
@@ -1390,7 +1432,7 @@ impl Fuzz {
                 buf.len()
             ));
             let waits = match out {
-                AccessOutcome::Done => verdicts.iter().any(|v| *v == Some(true)),
+                AccessOutcome::Done => verdicts.contains(&Some(true)),
                 AccessOutcome::Mmio { .. } => verdicts[0] == Some(true),
                 _ => false,
             };
@@ -1730,9 +1772,6 @@ impl Fuzz {
                     .expect("KVM_SET_NR_MMU_PAGES");
             }
             Op::Thp { slot1, on } => {
-                if self.inval_depth > 0 && self.known.iter().any(|k| k == "thp-split") {
-                    return;
-                }
                 let host = match (&self.slot1, slot1) {
                     (Some(s), true) => s.host.clone(),
                     _ => self.g.host.clone(),
@@ -1782,7 +1821,8 @@ impl Fuzz {
                 };
                 if !self.tdp {
                     let st = self.g.vm.state();
-                    if (base + rel..base + rel + n).any(|g| !st.mmu.gfn_sps_with_gptes(g).is_empty())
+                    if (base + rel..base + rel + n)
+                        .any(|g| !st.mmu.gfn_sps_with_gptes(g).is_empty())
                     {
                         drop(st);
                         self.dirty.stats[6] += 1;
@@ -1791,14 +1831,12 @@ impl Fuzz {
                     }
                 }
                 let hva = host.addr() + rel * 4096;
-                self.g
-                    .vm
-                    .host_discard(hva, n * 4096)
-                    .expect("host_discard");
+                self.g.vm.host_discard(hva, n * 4096).expect("host_discard");
                 self.host_event(base + rel, base + rel + n);
                 let mut page = vec![0u8; 4096];
                 for p in rel..rel + n {
-                    host.read((p * 4096) as usize, &mut page).expect("host page");
+                    host.read((p * 4096) as usize, &mut page)
+                        .expect("host page");
                     if page.iter().any(|&b| b != 0) {
                         self.fail(format!(
                             "slot {slot} page {p:#x} holds data after a discard"
@@ -1853,15 +1891,6 @@ impl Fuzz {
                 let Some((host, rel, n, _, base)) = self.host_range(at, pages, true) else {
                     return;
                 };
-                if host.thp()
-                    && (rel | n) & 511 != 0
-                    && self.known.iter().any(|k| k == "thp-split")
-                {
-                    // Known issue: a fault maps a 2 MiB leaf over the part of a host
-                    // huge page that is under invalidation (the host would have split it).
-                    self.log(format_args!("  skipped: part of a host huge page"));
-                    return;
-                }
                 if self.inval_depth == 0 {
                     self.inval_ranges.clear();
                     self.inval_hull = (u64::MAX, 0);
@@ -2221,7 +2250,7 @@ impl Fuzz {
                 "KVM_GET_DIRTY_LOG of slot {slot} wrote past its {nwords}-word bitmap"
             ));
         }
-        if npages % 64 != 0 && buf[nwords - 1] >> (npages % 64) != 0 {
+        if !npages.is_multiple_of(64) && buf[nwords - 1] >> (npages % 64) != 0 {
             self.fail(format!(
                 "KVM_GET_DIRTY_LOG of slot {slot}: bits past page {npages:#x} set ({:#x})",
                 buf[nwords - 1]
@@ -2316,7 +2345,9 @@ impl Fuzz {
             .used();
         let seen = self.dirty.ring_seen.len() as u32;
         if used < seen || used > entries {
-            self.fail(format!("dirty ring: {used} entries used, {seen} read before"));
+            self.fail(format!(
+                "dirty ring: {used} entries used, {seen} read before"
+            ));
             return;
         }
         if used == seen {
