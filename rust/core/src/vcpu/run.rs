@@ -164,7 +164,21 @@ impl Vcpu {
                 self.stats.add(VcpuStat::SignalExits as usize, 1);
                 return Err(Errno::EINTR);
             }
-            if let Err(stop) = self.run_batch(&vm, emu, BATCH, first) {
+            let n = match emu.budget {
+                Some(0) => {
+                    self.set_exit_reason(KVM_EXIT_INTR);
+                    self.stats.add(VcpuStat::SignalExits as usize, 1);
+                    return Err(Errno::EINTR);
+                }
+                Some(b) => (b as usize).min(BATCH),
+                None => BATCH,
+            };
+            let r = self.run_batch(&vm, emu, n, first);
+            if let Some(b) = emu.budget.as_mut() {
+                // The whole batch counts, also when it ended early at an exit.
+                *b = b.saturating_sub(n as u64);
+            }
+            if let Err(stop) = r {
                 return self.finish_stop(stop, emu);
             }
             first = false;
@@ -321,6 +335,12 @@ impl Vcpu {
         self.run_put(run_off::READY_FOR_INTERRUPT_INJECTION, &[u8::from(ready)]);
         self.run_put(run_off::CR8, &st.sregs.cr8.to_le_bytes());
         self.run_put(run_off::APIC_BASE, &st.sregs.apic_base.to_le_bytes());
+    }
+
+    /// Simulator only: let each following KVM_RUN execute at most `n` more
+    /// instructions in total before returning EINTR (None: no limit).
+    pub fn set_instruction_budget(&self, n: Option<u64>) {
+        self.emu.lock().unwrap_or_else(|e| e.into_inner()).budget = n;
     }
 
     /// KVM_SET_GUEST_DEBUG (kvm_arch_vcpu_ioctl_set_guest_debug).

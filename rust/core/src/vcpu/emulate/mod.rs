@@ -206,6 +206,9 @@ pub struct EmuState {
     pub deferred: Option<Exit>,
     /// Instructions retired: the time base of RDTSC.
     pub retired: u64,
+    /// Simulator only: instructions KVM_RUN may still execute before it returns
+    /// EINTR as if kicked (bounded runs for fuzzing and tests); None: no limit.
+    pub budget: Option<u64>,
     pub guest_debug: GuestDebug,
 }
 

@@ -41,7 +41,6 @@ impl Cpu<'_> {
         let rip0 = self.st.regs.rip;
         let rflags0 = self.st.regs.rflags;
         let gpr0 = self.gpr;
-        let shadow_before = self.st.events.interrupt_shadow;
         let out_len = self.emu.mmio_out.len();
         self.exit_after = None;
         self.shadow_set = 0;
@@ -65,7 +64,8 @@ impl Cpu<'_> {
                     self.emu.pio_in = None;
                 }
                 self.st.events.interrupt_shadow = self.shadow_set;
-                let tf = rflags0 & TF != 0 && shadow_before & super::SHADOW_MOV_SS == 0;
+                // MOV SS / POP SS hold the single-step trap until after the next instruction.
+                let tf = rflags0 & TF != 0 && self.shadow_set & super::SHADOW_MOV_SS == 0;
                 if self.single_stepping() {
                     self.pending_exits()?;
                     let pc = self.st.sregs.cs.base.wrapping_add(self.st.regs.rip);
