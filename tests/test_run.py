@@ -449,6 +449,42 @@ def test_immediate_exit(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
     assert isinstance(g.run(), ExitIo)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["mmio", "io"])
+def test_immediate_exit_completes_a_pending_read(
+    kvm: kvmmmu.Kvm, guests: list[Guest], mode: str, kind: str
+) -> None:
+    """KVM_RUN with immediate_exit after a read exit first completes the read (the load
+    or IN takes its data, RIP moves on), then returns EINTR without touching
+    exit_reason; the read is no longer pending."""
+    bits = 64 if mode == "lm64" else 32
+    if kind == "mmio":
+        instrs = [
+            mov_rbx(bits, MMIO_GPA),
+            I.create_reg_mem(Code.MOV_R32_RM32, R.EAX, M(base(bits))),
+        ]
+        reason, data, complete = uapi.KVM_EXIT_MMIO, b"\x11\x22\x33\x44", "complete_mmio_read"
+    else:
+        instrs = [in_imm(0x20, 4)]
+        reason, data, complete = uapi.KVM_EXIT_IO, b"\x55\x66\x77\x88", "complete_io_in"
+    instrs += [out_imm(0x10, 4), hlt()]
+    g = make(kvm, guests, mode, asm(bits, instrs))
+    e = g.run()
+    assert isinstance(e, (ExitMmio, ExitIo)) and e.reason == reason and not e.is_write
+    getattr(g.vcpu, complete)(data)
+    g.vcpu.immediate_exit = True
+    assert g.run() == ExitIntr()
+    r = g.vcpu.get_regs()
+    assert r.rax & 0xFFFF_FFFF == int.from_bytes(data, "little")
+    assert r.rip == CODE + len(asm(bits, instrs[:-2]))
+    assert g.vcpu.kvm_run.exit_reason == reason
+    with pytest.raises(RuntimeError):
+        getattr(g.vcpu, complete)(data)
+    assert g.run() == ExitIntr()
+    g.vcpu.immediate_exit = False
+    assert g.run() == ExitIo(port=0x10, size=4, count=1, is_write=True, data=data)
+
+
 def test_kick_before_run(kvm: kvmmmu.Kvm, guests: list[Guest]) -> None:
     g = make(kvm, guests, "lm64", asm(64, [hlt()]))
     g.vcpu.kick()
