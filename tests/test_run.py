@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register
 
 import kvmmmu
@@ -864,3 +866,81 @@ def test_decode_internal_error_layout() -> None:
     assert e.data[0] == 1 and e.data[1] == struct.unpack_from("<Q", b"\x02" + raw)[0]
     assert e.info == (0x7B, 0x1234)
     assert str(e) == "INTERNAL_ERROR EMULATION insn=0f 0b data=[0x7b, 0x1234]"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    reason=st.sampled_from(
+        [
+            uapi.KVM_EXIT_IO,
+            uapi.KVM_EXIT_MMIO,
+            uapi.KVM_EXIT_DEBUG,
+            uapi.KVM_EXIT_FAIL_ENTRY,
+            uapi.KVM_EXIT_INTERNAL_ERROR,
+            uapi.KVM_EXIT_SYSTEM_EVENT,
+            uapi.KVM_EXIT_UNKNOWN,
+            uapi.KVM_EXIT_X86_RDMSR,
+        ]
+    ),
+    union=st.binary(min_size=256, max_size=256),
+    pio=st.binary(min_size=64, max_size=64),
+    plausible=st.booleans(),
+)
+def test_decode_agrees_with_the_uapi_structs(
+    reason: int, union: bytes, pio: bytes, plausible: bool
+) -> None:
+    """The struct-based decoder reads the fields where uapi's ctypes kvm_run has them.
+    ``plausible`` keeps lengths and counts small and the suberror EMULATION, so every
+    branch is taken."""
+    area = bytearray(12288)
+    run = uapi.kvm_run.from_buffer(area)
+    run.exit_reason = reason
+    offset = uapi.kvm_run._exit.offset
+    area[offset : offset + 256] = union
+    if plausible:
+        run.mmio.len %= 9
+        if reason == uapi.KVM_EXIT_INTERNAL_ERROR:
+            run.internal.suberror = uapi.KVM_INTERNAL_ERROR_EMULATION
+            run.internal.ndata %= 18
+        if reason == uapi.KVM_EXIT_SYSTEM_EVENT:
+            run.system_event.ndata %= 18
+    if reason == uapi.KVM_EXIT_IO:
+        run.io.data_offset = 0x1000
+        run.io.count %= 8
+        area[0x1000 : 0x1000 + 64] = pio
+    e = kvmmmu.exits.decode(memoryview(area))
+    assert e.reason == reason
+    if isinstance(e, ExitIo):
+        io = run.io
+        assert (e.port, e.size, e.count) == (io.port, io.size, io.count)
+        assert e.is_write == (io.direction == uapi.KVM_EXIT_IO_OUT)
+        n = io.size * io.count if e.is_write else 0
+        assert e.data == bytes(area[0x1000 : 0x1000 + n])
+    elif isinstance(e, ExitMmio):
+        m = run.mmio
+        assert (e.phys_addr, e.is_write) == (m.phys_addr, bool(m.is_write))
+        n = min(m.len, 8)
+        assert e.data == (bytes(m.data)[:n] if m.is_write else bytes(n))
+    elif isinstance(e, ExitDebug):
+        a = run.debug.arch
+        assert (e.exception, e.pc, e.dr6, e.dr7) == (a.exception, a.pc, a.dr6, a.dr7)
+    elif isinstance(e, kvmmmu.ExitFailEntry):
+        f = run.fail_entry
+        assert (e.hardware_entry_failure_reason, e.cpu) == (f.hardware_entry_failure_reason, f.cpu)
+    elif isinstance(e, ExitInternalError):
+        i = run.internal
+        assert e.suberror == i.suberror
+        assert e.data == tuple(i.data[: min(i.ndata, 16)])
+        ef = run.emulation_failure
+        if i.suberror == 1 and len(e.data) >= 3 and ef.flags & 1:
+            assert e.insn_bytes == bytes(ef.insn_bytes)[: min(ef.insn_size, 15)]
+        else:
+            assert e.insn_bytes == b""
+    elif isinstance(e, kvmmmu.ExitSystemEvent):
+        ev = run.system_event
+        assert e.type == ev.type and e.data == tuple(ev.data[: min(ev.ndata, 16)])
+    elif isinstance(e, kvmmmu.ExitUnknown):
+        assert e.hardware_exit_reason == run.hw.hardware_exit_reason
+    else:
+        assert isinstance(e, kvmmmu.ExitOther) and e.raw == union
+    del run
