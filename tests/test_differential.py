@@ -114,7 +114,12 @@ def test_named_scenario_same_on_both_backends(name: str) -> None:
 # -- random scenarios ---------------------------------------------------------------------
 
 _page = st.integers(0, PAGES - 1)
-_cpl = st.sampled_from([3, 3, 3, 0])
+# Data accesses at CPL3 only: the device runs CPL0 code in KVM's emulator, whose
+# accesses walk the guest tables without SPTEs (and whose gpte writes are tracked and
+# zap, where a native write unsyncs), so a CPL0 access differs from hardware KVM and
+# the simulator by design (docs/simulated-vcpu.md). CPL0 runs the TLB maintenance
+# (INVLPG, MOV CR3), which KVM handles the same way on both.
+_cpl = st.just(3)
 _leaf = st.one_of(
     st.just(0),
     st.just(None),
