@@ -103,7 +103,7 @@ pub enum Shift {
 
 /// A shift or rotate of `a` by `count` (already masked to 5 or 6 bits) with the
 /// incoming flags `fl`; None when the count leaves everything unchanged. Undefined
-/// flags: OF for counts other than 1 is computed as for a count of 1; AF = 0.
+/// flags: OF for counts above 1 is that of the first step; AF = 0.
 pub fn shift(op: Shift, a: u64, count: u32, size: u32, fl: u64) -> Option<(u64, u64)> {
     let bits = size * 8;
     let m = size_mask(size);
@@ -124,23 +124,16 @@ pub fn shift(op: Shift, a: u64, count: u32, size: u32, fl: u64) -> Option<(u64, 
                 ((a >> c) | (a << (bits - c))) & m
             };
             let mut f = fl & !(CF | OF);
-            if op == Shift::Rol {
-                let cf = r & 1 != 0;
-                if cf {
-                    f |= CF;
-                }
-                if ((r & sb != 0) as u8 ^ cf as u8) != 0 {
-                    f |= OF;
-                }
+            let cf = if op == Shift::Rol {
+                r & 1 != 0
             } else {
-                let msb = r & sb != 0;
-                let msb2 = r & (sb >> 1) != 0;
-                if msb {
-                    f |= CF;
-                }
-                if msb != msb2 {
-                    f |= OF;
-                }
+                r & sb != 0
+            };
+            if cf {
+                f |= CF;
+            }
+            if first_step_of(op, a, size, cf_in) {
+                f |= OF;
             }
             Some((r, f))
         }
@@ -163,12 +156,7 @@ pub fn shift(op: Shift, a: u64, count: u32, size: u32, fl: u64) -> Option<(u64, 
             if cf {
                 f |= CF;
             }
-            let of = if op == Shift::Rcl {
-                (res & sb != 0) != cf
-            } else {
-                (res & sb != 0) != (res & (sb >> 1) != 0)
-            };
-            if of {
+            if first_step_of(op, a, size, cf_in) {
                 f |= OF;
             }
             Some((res, f))
@@ -199,12 +187,7 @@ pub fn shift(op: Shift, a: u64, count: u32, size: u32, fl: u64) -> Option<(u64, 
             if cf {
                 f |= CF;
             }
-            let of = match op {
-                Shift::Shl => (r & sb != 0) != cf,
-                Shift::Shr => count == 1 && a & sb != 0,
-                _ => false,
-            };
-            if of {
+            if first_step_of(op, a, size, cf_in) {
                 f |= OF;
             }
             Some((r, f))
@@ -212,34 +195,61 @@ pub fn shift(op: Shift, a: u64, count: u32, size: u32, fl: u64) -> Option<(u64, 
     }
 }
 
-/// SHLD (left) / SHRD: `dst` shifted by `count` (masked), filled from `src`.
+/// OF of a shift or rotate: defined for a count of 1; for larger counts the value
+/// the first one-bit step gives (what this machine's CPU reports through the
+/// device, whose emulator runs the host's instruction).
+fn first_step_of(op: Shift, a: u64, size: u32, cf_in: bool) -> bool {
+    let sb = sign_bit(size);
+    let msb = a & sb != 0;
+    let msb2 = a & (sb >> 1) != 0;
+    match op {
+        Shift::Shl | Shift::Rol | Shift::Rcl => msb != msb2,
+        Shift::Shr => msb,
+        Shift::Sar => false,
+        Shift::Ror => msb != (a & 1 != 0),
+        Shift::Rcr => msb != cf_in,
+    }
+}
+
+/// SHLD (left) / SHRD: `dst` shifted by `count` (masked), filled from `src`. For
+/// 16-bit operands a count above 16 (undefined) shifts through dst:src:dst, and OF
+/// for counts above 1 is that of the first step, as this machine's CPU does.
 pub fn double_shift(left: bool, dst: u64, src: u64, count: u32, size: u32) -> Option<(u64, u64)> {
     let bits = size * 8;
     let m = size_mask(size);
     if count == 0 {
         return None;
     }
-    let (dst, src) = (dst & m, src & m);
-    // Counts above the width (16-bit operands) are undefined: shift through the
-    // 2*width concatenation like a 32-bit operand would.
-    let c = count % (2 * bits).max(1);
-    let wide = if left {
-        (u128::from(dst) << bits) | u128::from(src)
+    let (dst, src) = (u128::from(dst & m), u128::from(src & m));
+    let c = count;
+    // dst:src (dst:src:dst for 16 bits), shifted as one value.
+    let (wide, width) = if size == 2 {
+        ((dst << 32) | (src << 16) | dst, 48)
+    } else if left {
+        ((dst << bits) | src, 2 * bits)
     } else {
-        (u128::from(src) << bits) | u128::from(dst)
+        ((src << bits) | dst, 2 * bits)
     };
     let (r, cf) = if left {
         let s = wide << c;
-        (((s >> bits) as u64) & m, (s >> (2 * bits)) & 1 != 0)
+        (
+            ((s >> (width - bits)) as u64) & m,
+            (wide >> (width - c)) & 1 != 0,
+        )
     } else {
-        let s = wide >> c;
-        ((s as u64) & m, (wide >> (c - 1)) & 1 != 0)
+        ((wide >> c) as u64 & m, (wide >> (c - 1)) & 1 != 0)
     };
     let mut f = szp(r, size);
     if cf {
         f |= CF;
     }
-    if (r & sign_bit(size) != 0) != (dst & sign_bit(size) != 0) {
+    let sb = u128::from(sign_bit(size));
+    let first = if left {
+        (dst & sb != 0) != (dst & (sb >> 1) != 0)
+    } else {
+        (dst & sb != 0) != (src & 1 != 0)
+    };
+    if first {
         f |= OF;
     }
     Some((r, f))
@@ -264,6 +274,8 @@ mod tests {
         assert_eq!(shift(Shift::Shr, 0x81, 1, 1, 0), Some((0x40, CF | OF)));
         assert_eq!(shift(Shift::Sar, 0x81, 1, 1, 0), Some((0xc0, CF | SF | PF)));
         assert_eq!(shift(Shift::Rol, 0x81, 1, 1, 0), Some((0x03, CF | OF)));
+        // Multi-bit: OF of the first step (bit 7 ^ bit 6 of the operand).
+        assert_eq!(shift(Shift::Shl, 0x01, 7, 1, 0), Some((0x80, SF)));
         assert_eq!(shift(Shift::Rcr, 0x01, 1, 1, 0), Some((0x00, CF)));
         assert_eq!(shift(Shift::Shl, 1, 0, 4, ZF), None);
     }

@@ -522,7 +522,8 @@ impl Cpu<'_> {
             let overflow = sign_extend(r, size) as i64 as i128 != p;
             let d = self.op_loc(ins, 0)?;
             self.write_loc(d, r)?;
-            let mut f = alu::szp(r, size);
+            // SF and PF from the result, ZF clear (undefined; this machine's CPU).
+            let mut f = alu::szp(r, size) & !ZF;
             if overflow {
                 f |= CF | OF;
             }
@@ -552,7 +553,7 @@ impl Cpu<'_> {
                 let p = u128::from(lo) * u128::from(src);
                 let (l, h) = ((p as u64) & m, ((p >> bits) as u64) & m);
                 set_pair(self, l, h);
-                let mut f = alu::szp(l, size);
+                let mut f = alu::szp(l, size) & !ZF;
                 if h != 0 {
                     f |= CF | OF;
                 }
@@ -564,7 +565,7 @@ impl Cpu<'_> {
                 let p = a * b;
                 let (l, h) = ((p as u64) & m, ((p >> bits) as u64) & m);
                 set_pair(self, l, h);
-                let mut f = alu::szp(l, size);
+                let mut f = alu::szp(l, size) & !ZF;
                 if sign_extend(l, size) as i64 as i128 != p {
                     f |= CF | OF;
                 }
