@@ -218,7 +218,11 @@ impl Cpu<'_> {
                 self.write_loc(d, r)
             }
             M::Cbw | M::Cwde | M::Cdqe => {
-                let size = self.op_size(ins, 0);
+                let size = match ins.mnemonic() {
+                    M::Cbw => 2,
+                    M::Cwde => 4,
+                    _ => 8,
+                };
                 let half = size / 2;
                 let v = sign_extend(self.reg(0, half, false), half);
                 self.set_reg(0, size, false, v);

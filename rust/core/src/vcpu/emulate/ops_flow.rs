@@ -37,9 +37,27 @@ impl Cpu<'_> {
     /// The operand size of a near/far transfer from its stack increment.
     fn branch_size(&self, ins: &Instruction) -> u32 {
         match ins.code() {
-            Code::Retnw | Code::Retnw_imm16 | Code::Retfw | Code::Retfw_imm16 | Code::Iretw => 2,
-            Code::Retnd | Code::Retnd_imm16 | Code::Retfd | Code::Retfd_imm16 | Code::Iretd => 4,
-            Code::Retnq | Code::Retnq_imm16 | Code::Retfq | Code::Retfq_imm16 | Code::Iretq => 8,
+            Code::Retnw
+            | Code::Retnw_imm16
+            | Code::Retfw
+            | Code::Retfw_imm16
+            | Code::Iretw
+            | Code::Enterw_imm16_imm8
+            | Code::Leavew => 2,
+            Code::Retnd
+            | Code::Retnd_imm16
+            | Code::Retfd
+            | Code::Retfd_imm16
+            | Code::Iretd
+            | Code::Enterd_imm16_imm8
+            | Code::Leaved => 4,
+            Code::Retnq
+            | Code::Retnq_imm16
+            | Code::Retfq
+            | Code::Retfq_imm16
+            | Code::Iretq
+            | Code::Enterq_imm16_imm8
+            | Code::Leaveq => 8,
             _ => {
                 let inc = ins.stack_pointer_increment().unsigned_abs();
                 if inc == 0 {

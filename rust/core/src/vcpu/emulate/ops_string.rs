@@ -5,7 +5,7 @@
 //! count runs out (as the hardware, which is interruptible between iterations), so
 //! batching, kicks and MMIO exits all fall between iterations.
 
-use iced_x86::{Instruction, Mnemonic, OpKind};
+use iced_x86::{Code, Instruction, Mnemonic, OpKind};
 
 use super::alu::{self, flags::*};
 use super::segment::{implicit_kind, SegReg};
@@ -32,7 +32,13 @@ impl Cpu<'_> {
             M::Movsb | M::Stosb | M::Lodsb | M::Cmpsb | M::Scasb | M::Insb | M::Outsb => 1,
             M::Movsw | M::Stosw | M::Lodsw | M::Cmpsw | M::Scasw | M::Insw | M::Outsw => 2,
             M::Movsd | M::Stosd | M::Lodsd | M::Cmpsd | M::Scasd | M::Insd | M::Outsd => {
-                if ins.op_count() != 0 && !is_string_operand(ins.op0_kind()) {
+                if matches!(
+                    ins.code(),
+                    Code::Movsd_xmm_xmmm64
+                        | Code::Movsd_xmmm64_xmm
+                        | Code::Cmpsd_xmm_xmmm64_imm8
+                        | Code::VEX_Vmovsd_xmm_xmm_xmm
+                ) {
                     return None; // the SSE MOVSD/CMPSD
                 }
                 4
@@ -249,19 +255,4 @@ impl Cpu<'_> {
         self.read_lin(tr.base.wrapping_add(off), &mut b, implicit_kind(false))?;
         Ok(u16::from_le_bytes(b))
     }
-}
-
-fn is_string_operand(k: OpKind) -> bool {
-    matches!(
-        k,
-        OpKind::MemorySegSI
-            | OpKind::MemorySegESI
-            | OpKind::MemorySegRSI
-            | OpKind::MemoryESDI
-            | OpKind::MemoryESEDI
-            | OpKind::MemoryESRDI
-            | OpKind::MemorySegDI
-            | OpKind::MemorySegEDI
-            | OpKind::MemorySegRDI
-    )
 }
