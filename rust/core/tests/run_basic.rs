@@ -120,6 +120,8 @@ fn unimplemented_instruction_is_an_emulation_failure() {
     assert_eq!(u32_at(&g, EXIT_UNION + 4), 8);
     assert_eq!(u64_at(&g, EXIT_UNION + 8), 1);
     assert_eq!(g.run_bytes(EXIT_UNION + 16, 4), [15, 0x0f, 0x01, 0xd0]);
+    // The exit information as the device gives it.
+    assert_eq!(u64_at(&g, EXIT_UNION + 32), 0x1000);
     assert_eq!(g.vcpu.get_regs().rip, CODE + 1);
 }
 

@@ -278,16 +278,18 @@ impl Vcpu {
             Exit::Emulation { bytes, len } => {
                 self.stats.add(VcpuStat::InsnEmulationFail as usize, 1);
                 self.set_exit_reason(KVM_EXIT_INTERNAL_ERROR);
-                let rip = self.state().regs.rip;
-                // The device's layout: suberror, ndata 8, flags, size and bytes, then
-                // the exit information (data[3] = RIP there), zeros.
+                // The device's layout: suberror, ndata 8, flags, insn_size and 15 bytes
+                // (past insn_size 0x90, KVM's memset), then kvm_pvm's exit information
+                // 0x1000, 0, 0, 0, 0 (the same for any RIP).
                 let mut data = [0u8; 64];
                 data[..8].copy_from_slice(
                     &KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES.to_le_bytes(),
                 );
-                data[8] = len;
-                data[9..24].copy_from_slice(&bytes);
-                data[24..32].copy_from_slice(&rip.to_le_bytes());
+                let n = usize::from(len).min(15);
+                data[8] = n as u8;
+                data[9..24].fill(0x90);
+                data[9..9 + n].copy_from_slice(&bytes[..n]);
+                data[24..32].copy_from_slice(&0x1000u64.to_le_bytes());
                 self.run_put(u, &KVM_INTERNAL_ERROR_EMULATION.to_le_bytes());
                 self.run_put(u + 4, &8u32.to_le_bytes());
                 self.run_put(u + 8, &data);
