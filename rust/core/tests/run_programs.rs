@@ -242,6 +242,75 @@ fn programs() -> Vec<(&'static str, Prog)> {
     v
 }
 
+/// 32-bit protected-mode programs (no paging, flat segments, CPL0).
+fn programs32() -> Vec<(&'static str, Prog)> {
+    let mut v: Vec<(&'static str, Prog)> = vec![
+        ("pm32_movs_rep_b", |a| a.rep().movsb()),
+        ("pm32_movs_rep_w_a16", |a| {
+            a.mov(ecx, 0x1_0003)?; // only CX counts with a 16-bit address size
+            a.db(&[0x67, 0xf3, 0x66, 0xa5]) // rep movsw, a16
+        }),
+        ("pm32_stos_lods", |a| {
+            a.rep().stosd()?;
+            a.lodsd()?;
+            a.std()?;
+            a.lodsw()
+        }),
+        ("pm32_cmps_scas", |a| {
+            a.repe().cmpsd()?;
+            a.mov(al, 0x2a)?;
+            a.repne().scasb()
+        }),
+        ("pm32_push_pop", |a| {
+            a.push(eax)?;
+            a.push(0x1234)?;
+            a.push(dword_ptr(esi))?;
+            a.pop(edx)?;
+            a.pop(dword_ptr(edi))?;
+            a.pop(ebx)?;
+            a.push(ax)?;
+            a.pop(bp)?;
+            a.pushfd()?;
+            a.pop(ecx)
+        }),
+        ("pm32_pusha_popa", |a| {
+            a.pushad()?;
+            a.mov(eax, dword_ptr(esp + 12))?;
+            a.mov(dword_ptr(esp), 0x55)?;
+            a.popad()
+        }),
+        ("pm32_alu16", |a| {
+            a.add(ax, bx)?;
+            a.adc(cx, 0x7fff)?;
+            a.sub(word_ptr(esi), dx)?;
+            a.imul_3(bp, word_ptr(edi), -3)?;
+            a.mul(word_ptr(esi + 2))?;
+            a.shl(dx, 4)?;
+            a.xchg(ah, al)
+        }),
+        ("pm32_call_ret_loop", |a| {
+            let mut f = a.create_label();
+            let mut end = a.create_label();
+            let mut l = a.create_label();
+            a.call(f)?;
+            a.jmp(end)?;
+            a.set_label(&mut f)?;
+            a.mov(ebp, dword_ptr(esp))?;
+            a.ret_1(0)?;
+            a.set_label(&mut end)?;
+            a.mov(ecx, 7)?;
+            a.set_label(&mut l)?;
+            a.add(edx, ecx)?;
+            a.loop_(l)?;
+            a.cwd()?;
+            a.cbw()?;
+            a.cdq()
+        }),
+    ];
+    v.sort_by_key(|p| p.0);
+    v
+}
+
 /// The start state: GPRs, RSP 0x8000, RSI 0x9000, RDI 0x9080, RCX 5, data bytes.
 fn start(g: &TestGuest) {
     let mut data = [0u8; 512];
@@ -262,13 +331,18 @@ fn start(g: &TestGuest) {
     g.vcpu.set_regs(&r).unwrap();
 }
 
-fn outcome(g: &TestGuest) -> String {
+fn outcome(g: &TestGuest, bits: u32) -> String {
     let r = g.vcpu.get_regs();
     let regs = [
         r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12,
         r.r13, r.r14, r.r15,
     ];
-    let regs: Vec<String> = regs.iter().map(|v| format!("{v:x}")).collect();
+    let n = if bits == 64 { 16 } else { 8 };
+    let mask = if bits == 64 { u64::MAX } else { 0xffff_ffff };
+    let regs: Vec<String> = regs[..n]
+        .iter()
+        .map(|v| format!("{:x}", v & mask))
+        .collect();
     let mem: String = g
         .read_bytes(0x8f00, 512)
         .iter()
@@ -277,11 +351,17 @@ fn outcome(g: &TestGuest) -> String {
     format!("{} {:x} {}", regs.join(" "), r.rflags & 0xfff, mem)
 }
 
-fn assemble(p: Prog) -> Vec<u8> {
-    TestGuest::assemble(64, CODE, |a| {
+fn assemble(p: Prog, bits: u32) -> Vec<u8> {
+    TestGuest::assemble(bits, CODE, |a| {
         p(a)?;
         a.hlt()
     })
+}
+
+fn all_programs() -> Vec<(&'static str, Prog, u32)> {
+    let mut v: Vec<_> = programs().into_iter().map(|(n, p)| (n, p, 64)).collect();
+    v.extend(programs32().into_iter().map(|(n, p)| (n, p, 32)));
+    v
 }
 
 #[test]
@@ -290,10 +370,13 @@ fn dump_programs() {
     let mut out = String::from("# name code-hex (run_programs.rs); first the start state\n");
     let g = long_guest(0, &[], |a| a.nop());
     start(&g);
-    out.push_str(&format!("start {}\n", outcome(&g)));
-    for (name, p) in programs() {
-        let code: String = assemble(p).iter().map(|b| format!("{b:02x}")).collect();
-        out.push_str(&format!("{name} {code}\n"));
+    out.push_str(&format!("start {}\n", outcome(&g, 64)));
+    for (name, p, bits) in all_programs() {
+        let code: String = assemble(p, bits)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        out.push_str(&format!("{name} {bits} {code}\n"));
     }
     std::fs::write(
         concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/programs.txt"),
@@ -310,7 +393,7 @@ fn programs_match_the_device() {
         .filter_map(|l| l.split_once(' '))
         .collect();
     let mut failures = Vec::new();
-    for (name, p) in programs() {
+    for (name, p, bits) in all_programs() {
         let Some(w) = want.get(name) else {
             failures.push(format!("{name}: not recorded"));
             continue;
@@ -318,11 +401,15 @@ fn programs_match_the_device() {
         if w.starts_with("skip") {
             continue;
         }
-        let g = long_guest(0, &[], |a| a.nop());
-        g.write_bytes(CODE, &assemble(p));
+        let g = if bits == 64 {
+            long_guest(0, &[], |a| a.nop())
+        } else {
+            pm32_guest(kvmmmu_core::paging::PagingMode::None, 0, &[], |a| a.nop())
+        };
+        g.write_bytes(CODE, &assemble(p, bits));
         start(&g);
         let (r, reason) = g.run();
-        let got = outcome(&g);
+        let got = outcome(&g, bits);
         if r != Ok(0) || reason != KVM_EXIT_HLT || got != *w {
             let gw: Vec<&str> = got.split(' ').collect();
             let ww: Vec<&str> = w.split(' ').collect();

@@ -18,9 +18,11 @@ HERE = pathlib.Path(__file__).parent
 NAMES = "rax rcx rdx rbx rsp rbp rsi rdi r8 r9 r10 r11 r12 r13 r14 r15".split()
 
 
-def outcome(g: Guest) -> str:
+def outcome(g: Guest, bits: int) -> str:
     r = g.vcpu.get_regs()
-    regs = " ".join(f"{getattr(r, n):x}" for n in NAMES)
+    mask = (1 << bits) - 1
+    names = NAMES if bits == 64 else NAMES[:8]
+    regs = " ".join(f"{getattr(r, n) & mask:x}" for n in names)
     return f"{regs} {r.rflags & 0xFFF:x} {g.mem.read(0x8F00, 512).hex()}"
 
 
@@ -32,8 +34,9 @@ def main() -> None:
     for line in lines:
         if line.startswith(("#", "start ")):
             continue
-        name, code = line.split()
-        g = Guest(kvm, "lm64", bytes.fromhex(code))
+        name, bits_s, code = line.split()
+        bits = int(bits_s)
+        g = Guest(kvm, "lm64" if bits == 64 else "pm32", bytes.fromhex(code))
         g.mem.write(0x8F00, bytes.fromhex(start[17]))
         r = g.vcpu.get_regs()
         for n, v in zip(NAMES, start[:16], strict=True):
@@ -41,7 +44,7 @@ def main() -> None:
         r.rflags = int(start[16], 16)
         g.vcpu.set_regs(r)
         e = g.run()
-        out.append(f"{name} {outcome(g)}" if e == ExitHlt() else f"{name} skip {e}")
+        out.append(f"{name} {outcome(g, bits)}" if e == ExitHlt() else f"{name} skip {e}")
         g.close()
     (HERE / "programs_device.txt").write_text("\n".join(out) + "\n")
 

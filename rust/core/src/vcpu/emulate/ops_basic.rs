@@ -121,6 +121,39 @@ impl Cpu<'_> {
                 }
                 Ok(())
             }
+            M::Pusha | M::Pushad => {
+                let size = if ins.mnemonic() == M::Pusha { 2 } else { 4 };
+                let sp0 = self.gpr[4];
+                for i in 0..8u8 {
+                    let v = if i == 4 {
+                        sp0
+                    } else {
+                        self.gpr[usize::from(i)]
+                    };
+                    if let Err(e) = self.push(v, size) {
+                        self.gpr[4] = sp0;
+                        return Err(e);
+                    }
+                }
+                Ok(())
+            }
+            M::Popa | M::Popad => {
+                let size = if ins.mnemonic() == M::Popa { 2 } else { 4 };
+                let mut vals = [0u64; 8];
+                for (k, v) in vals.iter_mut().enumerate() {
+                    *v = self.peek(u64::from(size) * k as u64, size)?;
+                }
+                let m = self.sp_mask();
+                let sp = self.gpr[4].wrapping_add(8 * u64::from(size)) & m;
+                for (k, v) in vals.iter().enumerate() {
+                    let reg = 7 - k as u8;
+                    if reg != 4 {
+                        self.set_reg(reg, size, false, *v);
+                    }
+                }
+                self.gpr[4] = (self.gpr[4] & !m) | sp;
+                Ok(())
+            }
             M::Pushf | M::Pushfd | M::Pushfq => {
                 if self.v86() && self.iopl() < 3 {
                     return Err(super::gp0());
