@@ -229,6 +229,32 @@ fn programs() -> Vec<(&'static str, Prog)> {
             a.mov(ah, bl)?;
             a.mov(byte_ptr(rdi + 3), ch)
         }),
+        ("system_regs", |a| {
+            a.mov(word_ptr(rdi), 0x27)?;
+            a.mov(qword_ptr(rdi + 2), 0x3000)?;
+            a.lgdt(ptr(rdi))?;
+            a.sgdt(ptr(rdi + 16))?;
+            a.smsw(edx)?;
+            a.mov(r8, cr0)?;
+            a.mov(r9, cr4)?;
+            a.mov(rax, r9)?;
+            a.or(rax, 0x80)?; // PGE
+            a.mov(cr4, rax)?;
+            a.mov(r10, cr4)?;
+            a.mov(r11, cr8)?;
+            a.mov(rax, 0x1234u64)?;
+            a.mov(dr0, rax)?;
+            a.mov(r12, dr0)?;
+            a.mov(r13, dr7)?;
+            a.mov(r14, dr6)?;
+            a.mov(ecx, 0xc000_0080u32)?;
+            a.rdmsr()?;
+            a.mov(r15, rax)?;
+            a.clts()?;
+            a.lmsw(bx)?;
+            a.mov(rbx, cr0)?;
+            a.invlpg(ptr(rsi))
+        }),
         ("shifts_memory", |a| {
             a.mov(cl, 5)?;
             a.shld(qword_ptr(rsi), rbx, cl)?;
