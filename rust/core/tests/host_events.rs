@@ -211,3 +211,51 @@ fn no_huge_leaf_over_a_running_invalidation_shadow() {
     let g = TestGuest::new(PagingMode::Long4, 8 << 20).unwrap();
     no_huge_leaf_over_a_running_invalidation(g, 0x4000_0000, 2 << 20);
 }
+
+/// Fuzzer finding (issue 6): a fault for a gpa without a memslot retried (EAGAIN)
+/// because the hull of two running invalidations covered it. KVM only retries a
+/// fault that has a slot (is_page_fault_stale: `fault->slot &&
+/// mmu_invalidate_retry_gfn`); an MMIO access is emulated.
+fn mmio_is_not_blocked_by_an_invalidation_hull(mut g: TestGuest) {
+    use kvmmmu_core::hostmem::HostRegion;
+    use kvmmmu_core::memslot::RegionIoctl;
+    use kvmmmu_core::uapi::kvm_userspace_memory_region2;
+    let host = HostRegion::new(1 << 20).unwrap();
+    let r = kvm_userspace_memory_region2 {
+        slot: 1,
+        guest_phys_addr: 16 << 20,
+        memory_size: 1 << 20,
+        userspace_addr: host.addr(),
+        ..Default::default()
+    };
+    g.vm.set_user_memory_region(&r, RegionIoctl::V2).unwrap();
+    let cr3 = g.cr3();
+    g.map(cr3, GVA + 0x10_0000, 12 << 20, 1, P | W | U);
+    // Map the guest's tables first (TDP: their faults in the hull would wait).
+    read(&g, GVA);
+    // Gfns 0x100 and 0x1000 are invalidated: the hull covers the hole at 12 MiB.
+    g.vm.host_invalidate_start(hva(&g, DATA), 4096);
+    g.vm.host_invalidate_start(host.addr(), 4096);
+    let mut b = [0u8; 8];
+    let out = g.access(GVA + 0x10_0000, &mut b, AccessKind::default());
+    assert!(
+        matches!(out, Ok(AccessOutcome::Mmio { .. })),
+        "an MMIO access is emulated, not retried: {out:?}"
+    );
+    g.vm.host_invalidate_end().unwrap();
+    g.vm.host_invalidate_end().unwrap();
+    g.audit().unwrap();
+}
+
+#[test]
+fn mmio_is_not_blocked_by_an_invalidation_hull_shadow() {
+    mmio_is_not_blocked_by_an_invalidation_hull(guest());
+}
+
+#[test]
+fn mmio_is_not_blocked_by_an_invalidation_hull_tdp() {
+    let mut g = TestGuest::new_tdp(PagingMode::Long4, 8 << 20).unwrap();
+    let cr3 = g.cr3();
+    g.map(cr3, GVA, DATA, 1, P | W | U);
+    mmio_is_not_blocked_by_an_invalidation_hull(g);
+}
