@@ -22,11 +22,16 @@ Guest code built by :mod:`kvmmmu.guest.builder` and :mod:`kvmmmu.guest.programs`
 * ``mmio_exit_cpl0`` / ``mmio_exit_cpl3``: seconds per exit of
   :func:`~kvmmmu.guest.programs.exit_loop` (an 8-byte MMIO write to a gpa without a
   slot, one ``run()`` per exit, the Python loop and exit decoding included);
-  ``out_exit_cpl0``: the same with ``out 0x10, al`` (KVM_EXIT_IO).
+  ``out_exit_cpl0``: the same with ``out 0x10, al`` (KVM_EXIT_IO);
+  ``out_exit_raw_cpl0``: that loop driven by the bare ioctl
+  (``transport.ioctl(fd, KVM_RUN, 0)``, no exit record): the run loop's own cost is
+  the difference.
 
-Both backends are measured in one process, interleaved (the order alternates every
-round), ``KVMMMU_RUN_ROUNDS`` rounds (default 5), medians, by :func:`measure`, once
-for all the classes here (``setup_cache``). Each sample is a freshly built and booted
+Both backends are measured in one process by :func:`measure`, once for all the classes
+here (``setup_cache``): ``KVMMMU_RUN_ROUNDS`` rounds (default 5), each taking one
+sample of every figure on both backends back to back (which goes first alternates), so
+a pair sees the same machine load; figures are medians, and ratios sim/dev are the
+medians of the paired ratios. Each sample is a freshly built and booted
 guest; the timed region is ``run()`` alone. Every sample is checked (the loop's
 result, the exit sequence, the written memory, ``pf_fixed``).
 
@@ -43,7 +48,7 @@ import time
 from collections.abc import Callable
 
 import kvmmmu
-from kvmmmu import exits
+from kvmmmu import exits, uapi
 from kvmmmu.guest import asm as x
 from kvmmmu.guest import programs
 from kvmmmu.guest.builder import CODE, Guest, Machine
@@ -55,6 +60,7 @@ PAGES = 4096
 DATA_GPA = 0x100_0000  # slot 1
 DATA_VA = 0x4000_0000
 OUT_PORT = 0x10
+KVM_RUN = uapi.KVM_RUN
 
 #: figure -> (unit shown, scale from seconds, what it is)
 FIGURES: dict[str, tuple[str, float, str]] = {
@@ -69,6 +75,7 @@ FIGURES: dict[str, tuple[str, float, str]] = {
     "mmio_exit_cpl0": ("us/exit", 1e6, "MMIO write exit round trip, CPL0"),
     "mmio_exit_cpl3": ("us/exit", 1e6, "MMIO write exit round trip, CPL3"),
     "out_exit_cpl0": ("us/exit", 1e6, "OUT exit round trip, CPL0"),
+    "out_exit_raw_cpl0": ("us/exit", 1e6, "OUT exit, bare KVM_RUN ioctl (no decoding)"),
 }
 
 
@@ -177,8 +184,9 @@ def sample_mmio_exits(kvm: kvmmmu.Kvm, backend: str, cpl: int) -> float:
     return dt / n
 
 
-def sample_out_exits(kvm: kvmmmu.Kvm, backend: str) -> float:
-    """Seconds per OUT exit at CPL0 (out, dec, jnz loop)."""
+def sample_out_exits(kvm: kvmmmu.Kvm, backend: str, raw: bool = False) -> float:
+    """Seconds per OUT exit at CPL0 (out, dec, jnz loop), through ``vcpu.run()`` or
+    (``raw``) the bare KVM_RUN ioctl."""
     n = exit_count(backend, 0)
     g = Guest("lm64")
     a = g.asm
@@ -190,46 +198,71 @@ def sample_out_exits(kvm: kvmmmu.Kvm, backend: str) -> float:
     a.hlt()
     m = g.boot(kvm)
     try:
-        got, dt = _count_exits(m, exits.ExitIo, lambda e: getattr(e, "port", None) == OUT_PORT)
-        assert got == n, (backend, got, n)
+        if raw:
+            ioctl, fd, run = m.vcpu.transport.ioctl, m.vcpu.fd, m.vcpu.kvm_run
+            t0 = time.perf_counter()
+            for _ in range(n):
+                ioctl(fd, KVM_RUN, 0)
+            dt = time.perf_counter() - t0
+            assert run.exit_reason == uapi.KVM_EXIT_IO and run.io.port == OUT_PORT, backend
+            assert isinstance(m.vcpu.run(), exits.ExitHlt), backend
+        else:
+            got, dt = _count_exits(m, exits.ExitIo, lambda e: getattr(e, "port", None) == OUT_PORT)
+            assert got == n, (backend, got, n)
     finally:
         _close(m)
     return dt / n
 
 
-def sample_round(kvm: kvmmmu.Kvm, backend: str, out: dict[str, list[float]]) -> None:
-    """One sample of every figure on one backend."""
+def _touch(kvm: kvmmmu.Kvm, backend: str, cpl: int) -> dict[str, float]:
+    first, second = sample_touch(kvm, backend, cpl)
+    return {
+        f"first_touch_cpl{cpl}": first,
+        f"second_pass_cpl{cpl}": second,
+        f"fault_cpl{cpl}": first - second,
+    }
 
-    def rec(figure: str, seconds: float) -> None:
-        out.setdefault(f"{backend}|{figure}", []).append(seconds)
 
-    for cpl in (0, 3):
-        rec(f"compute_cpl{cpl}", sample_compute(kvm, backend, cpl))
-        first, second = sample_touch(kvm, backend, cpl)
-        rec(f"first_touch_cpl{cpl}", first)
-        rec(f"second_pass_cpl{cpl}", second)
-        rec(f"fault_cpl{cpl}", first - second)
-        rec(f"mmio_exit_cpl{cpl}", sample_mmio_exits(kvm, backend, cpl))
-    rec("out_exit_cpl0", sample_out_exits(kvm, backend))
-
+#: One sample of some figures on one backend each; measure() runs each on both
+#: backends back to back, so the two samples of a pair see the same machine load.
+SAMPLERS: tuple[Callable[[kvmmmu.Kvm, str], dict[str, float]], ...] = (
+    lambda k, b: {"compute_cpl0": sample_compute(k, b, 0)},
+    lambda k, b: {"compute_cpl3": sample_compute(k, b, 3)},
+    lambda k, b: _touch(k, b, 3),
+    lambda k, b: _touch(k, b, 0),
+    lambda k, b: {"mmio_exit_cpl0": sample_mmio_exits(k, b, 0)},
+    lambda k, b: {"mmio_exit_cpl3": sample_mmio_exits(k, b, 3)},
+    lambda k, b: {"out_exit_cpl0": sample_out_exits(k, b)},
+    lambda k, b: {"out_exit_raw_cpl0": sample_out_exits(k, b, raw=True)},
+)
 
 _MEASURED: list[dict[str, float]] = []
 
 
 def measure(rounds: int = ROUNDS) -> dict[str, float]:
-    """Medians in seconds per unit, keyed "backend|figure" (once per process)."""
+    """Medians, keyed "backend|figure" (seconds per unit) and "ratio|figure" (the
+    median over rounds of the paired sim/dev ratio), once per process."""
     if _MEASURED:
         return _MEASURED[0]
     backends = ["sim", "dev"] if device_problem() is None else ["sim"]
     kvms = {b: make_kvm(b) for b in backends}
     samples: dict[str, list[float]] = {}
     try:
-        for b in backends:  # warm-up round, not recorded (imports, first builds)
-            sample_round(kvms[b], b, {})
+        for sampler in SAMPLERS:  # warm-up, not recorded (imports, first builds)
+            for b in backends:
+                sampler(kvms[b], b)
         for i in range(rounds):
-            for b in backends if i % 2 == 0 else backends[::-1]:
-                sample_round(kvms[b], b, samples)
-                gc.collect()
+            for sampler in SAMPLERS:
+                pair: dict[str, dict[str, float]] = {}
+                for b in backends if i % 2 == 0 else backends[::-1]:
+                    pair[b] = sampler(kvms[b], b)
+                for fig, sim in pair["sim"].items():
+                    samples.setdefault(f"sim|{fig}", []).append(sim)
+                    if "dev" in pair:
+                        dev = pair["dev"][fig]
+                        samples.setdefault(f"dev|{fig}", []).append(dev)
+                        samples.setdefault(f"ratio|{fig}", []).append(sim / dev)
+            gc.collect()
     finally:
         for k in kvms.values():
             k.close()
@@ -265,8 +298,8 @@ class RunFigures:
 
 
 class RunSimOverDev:
-    """The simulator's time over the device's for each figure, from the same
-    interleaved measurement (below 1: the simulator is faster)."""
+    """The simulator's time over the device's for each figure: the median of the
+    ratios of samples taken back to back (below 1: the simulator is faster)."""
 
     params = (list(FIGURES),)
     param_names = ["figure"]
@@ -279,4 +312,4 @@ class RunSimOverDev:
             raise NotImplementedError(f"no device figure for {figure}")
 
     def track_ratio(self, m: dict[str, float], figure: str) -> float:
-        return m[f"sim|{figure}"] / m[f"dev|{figure}"]
+        return m[f"ratio|{figure}"]
