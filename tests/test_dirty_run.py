@@ -8,7 +8,7 @@ the page tables live in slot 0, which is not logged.
 from __future__ import annotations
 
 import errno as errno_module
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -19,8 +19,6 @@ from kvmmmu import exits as ex
 from kvmmmu.guest import asm as x
 from kvmmmu.guest.builder import REPORT, Guest, Machine
 from kvmmmu.guest.paging import P, U, W
-
-from .conftest import make_kvm
 
 PAGE = 0x1000
 SLOT, SLOT_GPA, NPAGES, GVA = 1, 16 << 20, 64, 0x4000_0000
@@ -90,13 +88,6 @@ class LogGuest:
 @pytest.fixture(params=[0, 3], ids=["cpl0", "cpl3"])
 def cpl(request: pytest.FixtureRequest) -> int:
     return int(request.param)
-
-
-@pytest.fixture
-def kvm(backend: str) -> Iterator[kvmmmu.Kvm]:
-    k = make_kvm(backend)
-    yield k
-    k.close()
 
 
 def test_get_dirty_log_reports_guest_writes(kvm: kvmmmu.Kvm, cpl: int) -> None:
