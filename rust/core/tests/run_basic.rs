@@ -200,3 +200,27 @@ fn string_io_exits() {
     assert_eq!(g.read_bytes(data + 0x100, 8), [1, 2, 3, 4, 5, 6, 0, 0]);
     assert_eq!(g.vcpu.get_regs().rcx, 0);
 }
+
+/// `cargo test --release --test run_basic -- --ignored --nocapture perf_loop`: 100 M
+/// instructions of `dec ecx; jnz` (PERF_LOOP=<iterations> to change; for profiling).
+#[test]
+#[ignore = "a timing loop, not a check"]
+fn perf_loop() {
+    let n: u32 = std::env::var("PERF_LOOP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000_000);
+    let g = guest(|a| {
+        a.mov(ecx, n)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()?;
+        Ok(())
+    });
+    let t = std::time::Instant::now();
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let ns = t.elapsed().as_nanos() as f64 / (2.0 * f64::from(n));
+    println!("{ns:.1} ns per instruction");
+}

@@ -113,7 +113,7 @@ impl Cpu<'_> {
 
     pub fn emulation_failure(&self) -> Stop {
         Stop::Exit(Exit::Emulation {
-            bytes: self.insn_bytes,
+            bytes: self.fetched_bytes(),
             len: self.insn_fetched,
         })
     }
@@ -141,7 +141,73 @@ impl Cpu<'_> {
         Ok((n, c.gpa_page | off as u64))
     }
 
-    /// Fetch and decode the instruction at CS:RIP.
+    /// The bytes of the last fetch (up to 15).
+    pub fn fetched_bytes(&self) -> [u8; 15] {
+        let mut b = [0u8; 15];
+        b.copy_from_slice(&self.insn_bytes[..15]);
+        b
+    }
+
+    /// Fetch and decode the instruction at CS:RIP: the cached fast path, else
+    /// [`Cpu::fetch_decode`].
+    #[inline]
+    pub fn fetch(&mut self) -> R<Instruction> {
+        let rip = self.st.regs.rip;
+        if self.mode64() {
+            if let Some(ins) = self.fetch_cached(rip, rip, 64) {
+                return Ok(ins);
+            }
+        } else {
+            let cs = &self.st.sregs.cs;
+            // Away from the CS limit (the slow path checks it).
+            if rip.wrapping_add(15) <= u64::from(cs.limit) {
+                let lin = cs.base.wrapping_add(rip) & 0xffff_ffff;
+                let bits = if cs.db != 0 { 32 } else { 16 };
+                if let Some(ins) = self.fetch_cached(lin, rip, bits) {
+                    return Ok(ins);
+                }
+            }
+        }
+        self.fetch_decode()
+    }
+
+    /// The fast path: the code page's cached translation is current, the 16 bytes at
+    /// `lin` lie in it, and the decoded-instruction cache holds these bytes at this
+    /// gpa and code size.
+    #[inline]
+    fn fetch_cached(&mut self, lin: u64, rip: u64, bits: u32) -> Option<Instruction> {
+        let off = (lin & 0xfff) as usize;
+        if off > 4096 - 16 {
+            return None;
+        }
+        let user = self.cpl() == 3;
+        let c = self.emu.decode.code.as_ref()?;
+        if c.lin_page != lin & !0xfff
+            || c.user != user
+            || c.pf_taken != self.vcpu.stats.get(VcpuStat::PfTaken as usize)
+        {
+            return None;
+        }
+        let mut w = [0u8; 16];
+        c.host.read(c.host_off + off, &mut w).ok()?;
+        let gpa = c.gpa_page | off as u64;
+        let e = self
+            .emu
+            .decode
+            .slots
+            .get(DecodeCache::slot(rip))?
+            .as_ref()?;
+        let word = u128::from_le_bytes(w);
+        if e.rip != rip || e.gpa != gpa || e.bits != bits || (word ^ e.word) & e.mask != 0 {
+            return None;
+        }
+        self.insn_bytes = w;
+        self.insn_fetched = 15;
+        Some(e.ins)
+    }
+
+    /// Fetch and decode the instruction at CS:RIP through the MMU.
+    #[inline(never)]
     pub fn fetch_decode(&mut self) -> R<Instruction> {
         let bits = self.bitness();
         let rip = self.st.regs.rip;
@@ -161,7 +227,7 @@ impl Cpu<'_> {
         };
         let mut bytes = [0u8; 15];
         let (n, gpa) = self.read_code(lin, &mut bytes)?;
-        self.insn_bytes = bytes;
+        self.insn_bytes[..15].copy_from_slice(&bytes);
         self.insn_fetched = n as u8;
         let slot = DecodeCache::slot(rip);
         if let Some(Some(e)) = self.emu.decode.slots.get(slot) {
@@ -194,7 +260,7 @@ impl Cpu<'_> {
             let (m, _) = self.read_code(next, &mut more[..15 - n])?;
             bytes[n..n + m].copy_from_slice(&more[..m]);
             total = n + m;
-            self.insn_bytes = bytes;
+            self.insn_bytes[..15].copy_from_slice(&bytes);
             self.insn_fetched = total as u8;
             let mut d = Decoder::with_ip(bits, &bytes[..total], rip, DecoderOptions::NONE);
             d.decode_out(&mut ins);

@@ -226,7 +226,7 @@ pub struct Cpu<'a> {
     /// Exit after the current instruction completes (HLT, OUT).
     pub exit_after: Option<Exit>,
     /// The current instruction's bytes as fetched (for the emulation-failure exit).
-    pub insn_bytes: [u8; 15],
+    pub insn_bytes: [u8; 16],
     pub insn_fetched: u8,
     /// An instruction that sets the interrupt shadow (STI, MOV SS, POP SS).
     pub shadow_set: u8,
@@ -312,7 +312,7 @@ impl<'a> Cpu<'a> {
             gpr,
             next_rip: 0,
             exit_after: None,
-            insn_bytes: [0; 15],
+            insn_bytes: [0; 16],
             insn_fetched: 0,
             shadow_set: 0,
         }

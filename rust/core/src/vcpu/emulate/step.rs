@@ -47,7 +47,7 @@ impl Cpu<'_> {
         if self.emu.guest_debug.control & KVM_GUESTDBG_USE_HW_BP != 0 {
             self.check_code_breakpoint()?;
         }
-        let res = match self.fetch_decode() {
+        let res = match self.fetch() {
             Ok(ins) => {
                 self.next_rip = rip0.wrapping_add(ins.len() as u64) & self.code_mask();
                 self.exec(&ins)
@@ -111,7 +111,7 @@ impl Cpu<'_> {
     fn stop_to_run(&self, s: Stop) -> RunStop {
         match s {
             Stop::Exit(Exit::Emulation { len: 0, .. }) => RunStop::Exit(Exit::Emulation {
-                bytes: self.insn_bytes,
+                bytes: self.fetched_bytes(),
                 len: self.insn_fetched,
             }),
             Stop::Exit(x) => RunStop::Exit(x),
