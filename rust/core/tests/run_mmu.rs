@@ -254,3 +254,67 @@ fn trap_flag_delivers_debug_exception() {
     assert_eq!(r.rip, CODE + 11);
     assert_ne!(g.vcpu.state().debugregs.dr6 & (1 << 14), 0);
 }
+
+#[test]
+fn tdp_guest_faults_and_sets_accessed_dirty() {
+    // Under TDP the CPU walks the guest tables itself: #PF goes straight to the guest,
+    // A/D bits are set by the walk, MMIO exits as before.
+    let g =
+        kvmmmu_core::testkit::TestGuest::new_tdp(kvmmmu_core::paging::PagingMode::Long4, 4 << 20)
+            .unwrap();
+    let mut g = run_guest::long_guest_on(g, 0, &[], |a| {
+        a.mov(rbx, X)?;
+        a.mov(qword_ptr(rbx), rbx)?;
+        a.mov(rax, MMIO)?;
+        a.mov(qword_ptr(rax), rbx)?;
+        a.mov(rbx, 0x60_0000u64)?;
+        a.mov(rax, qword_ptr(rbx))?; // not mapped: #PF
+        Ok(())
+    });
+    let root = g.cr3();
+    g.map(root, X, 0x20_0000, 1, P | W);
+    let pte = g.entry_gpa(root, X, 1);
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_MMIO));
+    assert_eq!(g.read_gpte(pte) & (A | D), A | D);
+    assert_eq!(g.read_u64(0x20_0000), X);
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = report(&g);
+    assert_eq!((r.vector, r.error_code, r.cr2), (14, 0, 0x60_0000));
+    g.audit().unwrap();
+}
+
+#[test]
+fn cpuid_from_the_table_with_kvm_leaves_and_out_of_range() {
+    let g = long_guest(0, &[], |a| {
+        a.mov(eax, 0x4000_0000u32)?;
+        a.cpuid()?;
+        a.mov(r8d, ebx)?;
+        a.mov(eax, 0x4000_0001u32)?;
+        a.cpuid()?;
+        a.mov(r9d, eax)?;
+        a.mov(eax, 0x7fff_ffffu32)?; // above the basic range: the highest basic leaf
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.mov(r10d, eax)?;
+        a.mov(r11d, ebx)?;
+        a.hlt()?;
+        Ok(())
+    });
+    let table = kvmmmu_core::cpuid::supported_cpuid();
+    kvmmmu_core::cpuid::set_vcpu_cpuid(&g.vcpu, table.clone()).unwrap();
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = g.vcpu.get_regs();
+    let find = |f: u32| {
+        table
+            .iter()
+            .find(|e| e.function == f && e.index == 0)
+            .copied()
+    };
+    let kvm = find(0x4000_0000).expect("KVM signature leaf");
+    assert_eq!(r.r8 as u32, kvm.ebx, "KVMKVMKVM");
+    assert_eq!(r.r9 as u32, find(0x4000_0001).unwrap().eax);
+    let max_basic = find(0).unwrap().eax;
+    let top = find(max_basic).unwrap();
+    assert_eq!((r.r10 as u32, r.r11 as u32), (top.eax, top.ebx));
+    assert!(g.vcpu.stats.get(VcpuStat::Exits as usize) >= 3);
+}

@@ -78,7 +78,21 @@ pub fn long_guest(
     user_pages: &[u64],
     code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
 ) -> TestGuest {
-    let mut g = TestGuest::new(PagingMode::Long4, 4 << 20).unwrap();
+    long_guest_on(
+        TestGuest::new(PagingMode::Long4, 4 << 20).unwrap(),
+        cpl,
+        user_pages,
+        code,
+    )
+}
+
+/// [`long_guest`] on a given (fresh, 4-level) guest, e.g. one with TDP.
+pub fn long_guest_on(
+    mut g: TestGuest,
+    cpl: u8,
+    user_pages: &[u64],
+    code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> TestGuest {
     let root = g.cr3();
     for page in (0..0x20_0000u64).step_by(4096) {
         let u = if user_pages.contains(&page) { U } else { 0 };
