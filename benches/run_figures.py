@@ -40,10 +40,15 @@ def main() -> None:
     problem = bench.device_problem()
     if problem is not None:
         print(f"device {bench.DEVICE}: {problem} (simulator only)")
+    load = os.getloadavg()[0]
     m = bench.measure()
     print(
         f"{bench.ROUNDS} rounds of back-to-back sim/dev pairs, medians; "
         "timed region: vcpu.run() from Python"
+    )
+    print(
+        f"load average (1 min) before/after: {load:.2f}/{os.getloadavg()[0]:.2f} "
+        f"on {os.cpu_count()} CPUs (the device's figures grow with the load)"
     )
     head = (
         f"{'figure':<18}{'unit':>9}{'sim':>10}{'dev':>10}{'sim/s':>10}{'dev/s':>10}"
