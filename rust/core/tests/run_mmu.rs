@@ -318,3 +318,45 @@ fn cpuid_from_the_table_with_kvm_leaves_and_out_of_range() {
     assert_eq!((r.r10 as u32, r.r11 as u32), (top.eax, top.ebx));
     assert!(g.vcpu.stats.get(VcpuStat::Exits as usize) >= 3);
 }
+
+#[test]
+fn fault_during_host_invalidation_waits_for_its_end() {
+    // The guest touches a page whose host memory is being invalidated: KVM keeps
+    // retrying the fault (re-entering the guest) until invalidate_range_end; KVM_RUN
+    // neither fails nor holds the VM lock meanwhile, and a kick still ends it.
+    let g = long_guest(0, &[], |a| {
+        a.mov(rbx, 0x10_0000u64)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        a.hlt()?;
+        Ok(())
+    });
+    let hva = g.host.addr() + 0x10_0000;
+    g.vm.host_invalidate_start(hva, 4096);
+    let vm = Arc::clone(&g.vm);
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        vm.host_invalidate_end().unwrap();
+    });
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    t.join().unwrap();
+    // Kicked while waiting: EINTR, and the instruction has not run.
+    g.vm.host_invalidate_start(hva, 4096);
+    let mut r = g.vcpu.get_regs();
+    r.rip = CODE;
+    g.vcpu.set_regs(&r).unwrap();
+    let v = Arc::clone(&g.vcpu);
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        v.kick();
+    });
+    let (r, reason) = g.run();
+    t.join().unwrap();
+    assert_eq!(
+        (r, reason),
+        (Err(kvmmmu_core::errno::Errno::EINTR), KVM_EXIT_INTR)
+    );
+    assert_eq!(g.vcpu.get_regs().rip, CODE + 10);
+    g.vm.host_invalidate_end().unwrap();
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    g.audit().unwrap();
+}

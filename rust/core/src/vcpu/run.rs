@@ -149,8 +149,9 @@ impl Vcpu {
             return self.exit_to_user(x, emu);
         }
         if resume_one {
-            if let Err(stop) = self.run_batch(&vm, emu, 1, false) {
-                return self.finish_stop(stop, emu);
+            match self.run_batch(&vm, emu, 1, false) {
+                Ok(()) | Err(RunStop::Retry) => {}
+                Err(stop) => return self.finish_stop(stop, emu),
             }
         }
         if self.run_u8(run_off::IMMEDIATE_EXIT) != 0 {
@@ -178,8 +179,11 @@ impl Vcpu {
                 // The whole batch counts, also when it ended early at an exit.
                 *b = b.saturating_sub(n as u64);
             }
-            if let Err(stop) = r {
-                return self.finish_stop(stop, emu);
+            match r {
+                Ok(()) => {}
+                // Let the thread ending the invalidation take the VM lock.
+                Err(RunStop::Retry) => std::thread::yield_now(),
+                Err(stop) => return self.finish_stop(stop, emu),
             }
             first = false;
         }
@@ -220,6 +224,7 @@ impl Vcpu {
         match stop {
             RunStop::Exit(x) => self.exit_to_user(x, emu),
             RunStop::Err(e) => Err(e),
+            RunStop::Retry => Err(Errno::EAGAIN),
         }
     }
 

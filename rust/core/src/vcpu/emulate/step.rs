@@ -20,6 +20,10 @@ const DR6_BS: u64 = 1 << 14;
 pub enum RunStop {
     Exit(Exit),
     Err(Errno),
+    /// KVM's fault path keeps saying "retry" (an MMU-notifier invalidation of the
+    /// page is in progress): the instruction runs again after the locks are dropped,
+    /// as KVM re-enters the guest until the invalidation ends.
+    Retry,
 }
 
 impl Cpu<'_> {
@@ -115,6 +119,7 @@ impl Cpu<'_> {
                 len: self.insn_fetched,
             }),
             Stop::Exit(x) => RunStop::Exit(x),
+            Stop::Err(Errno::EAGAIN) => RunStop::Retry,
             Stop::Err(e) => RunStop::Err(e),
             // Unreachable: raise() resolves exceptions.
             Stop::Exc(_) => RunStop::Exit(Exit::Shutdown),
