@@ -255,6 +255,43 @@ fn programs() -> Vec<(&'static str, Prog)> {
             a.mov(rbx, cr0)?;
             a.invlpg(ptr(rsi))
         }),
+        // Beyond KVM's emulator (internal error on the device): not compared.
+        ("cmpxchg16b", |a| {
+            a.mov(rax, qword_ptr(rsi))?;
+            a.mov(rdx, qword_ptr(rsi + 8))?;
+            a.cmpxchg16b(xmmword_ptr(rsi))?;
+            a.setz(r8b)
+        }),
+        ("cmpxchg8b", |a| {
+            a.cmpxchg8b(qword_ptr(rdi))?;
+            a.setz(r9b)?;
+            a.cmpxchg8b(qword_ptr(rdi))?;
+            a.setz(r10b)
+        }),
+        // Beyond KVM's emulator: checked by `bit_counts_and_cmpxchg16b` instead.
+        ("bit_counts", |a| {
+            a.popcnt(r8, rax)?;
+            a.lzcnt(r9d, ebx)?;
+            a.tzcnt(r10w, cx)?;
+            a.xor(edx, edx)?;
+            a.tzcnt(r11, rdx)?;
+            a.pushfq()?;
+            a.pop(r12)
+        }),
+        ("xlat_clflush_fsbase", |a| {
+            a.mov(rbx, rsi)?;
+            a.mov(al, 0x35)?;
+            a.xlatb()?;
+            a.clflush(byte_ptr(rsi))?;
+            a.mov(ecx, 0xc000_0100u32)?;
+            a.mov(eax, 0x1000)?;
+            a.xor(edx, edx)?;
+            a.wrmsr()?;
+            a.mov(r8, qword_ptr(0))?; // fs not used: DS
+            a.mov(r9, qword_ptr(0x9000))?;
+            a.db(&[0x64, 0x48, 0x8b, 0x04, 0x25, 0x00, 0x80, 0x00, 0x00])?; // mov rax, fs:[0x8000]
+            a.rdmsr()
+        }),
         ("shifts_memory", |a| {
             a.mov(cl, 5)?;
             a.shld(qword_ptr(rsi), rbx, cl)?;
@@ -450,4 +487,42 @@ fn programs_match_the_device() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn bit_counts_and_cmpxchg16b() {
+    // What the device cannot run (its emulator has no POPCNT/LZCNT/TZCNT/CMPXCHG16B).
+    let g = long_guest(0, &[], |a| a.nop());
+    let (_, p) = programs()
+        .into_iter()
+        .find(|p| p.0 == "bit_counts")
+        .expect("program");
+    g.write_bytes(CODE, &assemble(p, 64));
+    start(&g);
+    let r0 = g.vcpu.get_regs();
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = g.vcpu.get_regs();
+    assert_eq!(r.r8, u64::from(r0.rax.count_ones()));
+    assert_eq!(
+        r.r9 & 0xffff_ffff,
+        u64::from((r0.rbx as u32).leading_zeros())
+    );
+    assert_eq!(r.r10 & 0xffff, u64::from((r0.rcx as u16).trailing_zeros()));
+    assert_eq!(r.r11, 64);
+    // TZCNT of zero: CF set, ZF clear.
+    assert_eq!(r.r12 & 0x41, 0x01);
+
+    let g = long_guest(0, &[], |a| a.nop());
+    let (_, p) = programs()
+        .into_iter()
+        .find(|p| p.0 == "cmpxchg16b")
+        .expect("program");
+    g.write_bytes(CODE, &assemble(p, 64));
+    start(&g);
+    let r0 = g.vcpu.get_regs();
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = g.vcpu.get_regs();
+    assert_eq!(r.r8 & 0xff, 1, "equal: ZF");
+    assert_eq!(g.read_u64(0x9000), r0.rbx);
+    assert_eq!(g.read_u64(0x9008), r0.rcx);
 }

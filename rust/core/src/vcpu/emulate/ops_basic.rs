@@ -239,6 +239,80 @@ impl Cpu<'_> {
                 self.set_arith(self.rflags() & !ZF);
                 Ok(())
             }
+            M::Cmpxchg8b | M::Cmpxchg16b => {
+                // EDX:EAX (RDX:RAX) against the memory; equal: ZF=1 and ECX:EBX stored,
+                // else ZF=0 and the memory loaded into EDX:EAX (also written back).
+                let half = if ins.mnemonic() == M::Cmpxchg16b {
+                    8
+                } else {
+                    4
+                };
+                let Loc::Mem(seg, ea, _) = self.op_loc(ins, 0)? else {
+                    return Err(ud());
+                };
+                if half == 8 && ea & 15 != 0 {
+                    return Err(super::gp0());
+                }
+                let lo = self.read_mem(seg, ea, half)?;
+                let hi = self.read_mem(seg, ea.wrapping_add(u64::from(half)), half)?;
+                let (al, ah) = (self.reg(0, half, false), self.reg(2, half, false));
+                let f = self.rflags() & !ZF;
+                if lo == al && hi == ah {
+                    let (bl, ch) = (self.reg(3, half, false), self.reg(1, half, false));
+                    self.write_mem(seg, ea, half, bl)?;
+                    self.write_mem(seg, ea.wrapping_add(u64::from(half)), half, ch)?;
+                    self.st.regs.rflags = f | ZF;
+                } else {
+                    self.write_mem(seg, ea, half, lo)?;
+                    self.write_mem(seg, ea.wrapping_add(u64::from(half)), half, hi)?;
+                    self.set_reg(0, half, false, lo);
+                    self.set_reg(2, half, false, hi);
+                    self.st.regs.rflags = f;
+                }
+                Ok(())
+            }
+            M::Popcnt | M::Lzcnt | M::Tzcnt => {
+                let size = self.op_size(ins, 0);
+                let v = self.read_op(ins, 1)? & size_mask(size);
+                let bits = size * 8;
+                let r = match ins.mnemonic() {
+                    M::Popcnt => v.count_ones(),
+                    M::Lzcnt => (v.leading_zeros() - (64 - bits)).min(bits),
+                    _ => v.trailing_zeros().min(bits),
+                };
+                let d = self.op_loc(ins, 0)?;
+                self.write_loc(d, u64::from(r))?;
+                let mut f = 0;
+                if ins.mnemonic() == M::Popcnt {
+                    if v == 0 {
+                        f |= ZF;
+                    }
+                } else {
+                    if r == bits {
+                        f |= CF;
+                    }
+                    if r == 0 {
+                        f |= ZF;
+                    }
+                }
+                self.set_arith(f);
+                Ok(())
+            }
+            M::Xlatb => {
+                let seg =
+                    super::SegReg::from_register(ins.memory_segment()).unwrap_or(super::SegReg::Ds);
+                let ea = self.effective_address(ins);
+                let v = self.read_mem(seg, ea, 1)?;
+                self.set_reg(0, 1, false, v);
+                Ok(())
+            }
+            M::Clflush | M::Clflushopt | M::Clwb => {
+                // No caches: only the address's checks (a read of one byte).
+                let seg =
+                    super::SegReg::from_register(ins.memory_segment()).unwrap_or(super::SegReg::Ds);
+                let ea = self.effective_address(ins);
+                self.read_mem(seg, ea, 1).map(|_| ())
+            }
             M::Bswap => {
                 let size = self.op_size(ins, 0);
                 let d = self.op_loc(ins, 0)?;

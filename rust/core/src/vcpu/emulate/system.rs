@@ -15,6 +15,8 @@ use crate::vcpu::msr;
 use crate::vcpu::sregs::{CR0_TS, CR4_DE, CR4_TSD};
 
 pub const SHADOW_MOV_SS: u8 = 1;
+const MSR_FS_BASE: u32 = 0xc000_0100;
+const MSR_GS_BASE: u32 = 0xc000_0101;
 pub const SHADOW_STI: u8 = 2;
 
 impl Cpu<'_> {
@@ -49,6 +51,8 @@ impl Cpu<'_> {
                 let v = match idx {
                     0x10 => Some(self.emu.retired),
                     0x1b => Some(self.st.sregs.apic_base),
+                    MSR_FS_BASE => Some(self.st.sregs.fs.base),
+                    MSR_GS_BASE => Some(self.st.sregs.gs.base),
                     _ => msr::get_msr(self.st, self.vm, idx),
                 };
                 let v = v.ok_or_else(gp0)?;
@@ -62,6 +66,18 @@ impl Cpu<'_> {
                 let v = (self.gpr[0] & 0xffff_ffff) | (self.gpr[2] << 32);
                 if idx == msr::MSR_IA32_EFER {
                     return self.write_cr(ControlReg::Efer, v);
+                }
+                if idx == MSR_FS_BASE || idx == MSR_GS_BASE {
+                    if !crate::paging::is_canonical(v, false) {
+                        return Err(gp0());
+                    }
+                    let s = if idx == MSR_FS_BASE {
+                        &mut self.st.sregs.fs
+                    } else {
+                        &mut self.st.sregs.gs
+                    };
+                    s.base = v;
+                    return Ok(());
                 }
                 let ring = self.vcpu.dirty_ring.as_ref();
                 if msr::set_msr(self.st, self.vm, ring, idx, v) {
