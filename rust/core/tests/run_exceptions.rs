@@ -173,3 +173,34 @@ fn injected_exception_with_payload() {
     g.vcpu.state().events.triple_fault_pending = true;
     assert_eq!(g.run(), (Ok(0), KVM_EXIT_SHUTDOWN));
 }
+
+#[test]
+fn iretq_to_user_mode_and_back_through_a_fault() {
+    // CPL0 builds an IRET frame to CPL3 code, which then faults on a supervisor page:
+    // the #PF comes back to CPL0 on RSP0 with the user SS:RSP in the frame.
+    let user = 0x2000u64;
+    let g = long_guest(0, &[CODE, user, STACK3 - 0x1000], |a| {
+        a.push(0x23)?; // SS
+        a.push(STACK3 as i32)?; // RSP
+        a.push(0x202)?; // RFLAGS (IF)
+        a.push(0x1b)?; // CS
+        a.push(user as i32)?; // RIP
+        a.iretq()?;
+        Ok(())
+    });
+    let u = kvmmmu_core::testkit::TestGuest::assemble(64, user, |a| {
+        a.mov(rax, 0x1234u64)?;
+        a.mov(rbx, RESULT)?;
+        a.mov(qword_ptr(rbx), rax)?; // supervisor page: #PF 0x7
+        Ok(())
+    });
+    g.write_bytes(user, &u);
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = report(&g);
+    assert_eq!((r.vector, r.error_code, r.cr2), (14, 7, RESULT));
+    assert_eq!(r.cs, 0x1b);
+    assert_eq!(r.rip, user + 10 + 10);
+    assert_eq!(g.read_u64(STACK0 - 8), 0x23);
+    assert_eq!(g.read_u64(STACK0 - 16), STACK3);
+    assert_eq!(g.read_u64(STACK0 - 24) & 0x200, 0x200);
+}
