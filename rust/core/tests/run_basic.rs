@@ -224,3 +224,46 @@ fn perf_loop() {
     let ns = t.elapsed().as_nanos() as f64 / (2.0 * f64::from(n));
     println!("{ns:.1} ns per instruction");
 }
+
+/// `cargo test --release --test run_basic -- --ignored --nocapture perf_first_touch`:
+/// CPL3 code writing one byte to each of PERF_PAGES (4096) fresh pages (gptes with A
+/// clear, host memory populated): one shadow page fault per page.
+#[test]
+#[ignore = "a timing loop, not a check"]
+fn perf_first_touch() {
+    let pages: u32 = std::env::var("PERF_PAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4096);
+    let data = 0x40_0000u64;
+    let mut g = TestGuest::new(PagingMode::Long4, 64 << 20).unwrap();
+    let root = g.cr3();
+    g.map(root, 0, 0, 2, P | W | 4);
+    g.map(root, MMIO, MMIO, 1, P | W | 4);
+    for i in 0..u64::from(pages) {
+        g.map(root, data + i * 4096, data + i * 4096, 1, P | W | 4);
+        g.write_bytes(data + i * 4096 + 8, &[0]);
+    }
+    g.flat_segments(3);
+    let code = TestGuest::assemble(64, CODE, |a| {
+        a.mov(rbx, data)?;
+        a.mov(ecx, pages)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(byte_ptr(rbx), 1)?;
+        a.add(rbx, 4096)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.mov(rax, MMIO)?;
+        a.mov(byte_ptr(rax), 0)?;
+        Ok(())
+    });
+    g.write_bytes(CODE, &code);
+    let mut r = g.vcpu.get_regs();
+    (r.rip, r.rsp, r.rflags) = (CODE, 0x8000, 2);
+    g.vcpu.set_regs(&r).unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_MMIO));
+    let ns = t.elapsed().as_nanos() as f64 / f64::from(pages);
+    println!("{ns:.0} ns per first-touch page");
+}

@@ -235,6 +235,35 @@ impl Vcpu {
         Ok(AccessOutcome::Done)
     }
 
+    /// The hardware's TLB check alone (shadow MMU): the gpa `addr` translates to for
+    /// `kind` through a present SPTE, or None (a miss, a fault, TDP). No fault is
+    /// taken and nothing is read; the interpreter revalidates its cached code page
+    /// with it after KVM handled a fault elsewhere.
+    pub(crate) fn tlb_probe_locked(
+        &self,
+        st: &mut VcpuState,
+        vmg: &mut VmState,
+        addr: u64,
+        kind: AccessKind,
+    ) -> Result<Option<u64>> {
+        let cpu = st.walk_ctx();
+        let VmState {
+            mmu, memslots, tdp, ..
+        } = vmg;
+        if *tdp {
+            return Ok(None);
+        }
+        let mut env = MmuEnv {
+            mmu,
+            slots: memslots,
+            stats: &self.stats,
+            ring: self.dirty_ring.as_ref(),
+            tdp: false,
+        };
+        st.mmu.enter(&mut env, &cpu)?;
+        Ok(tlb_lookup(env.mmu, &st.mmu, &cpu, addr, kind).ok())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn access_page(
         &self,

@@ -77,8 +77,21 @@ impl Cpu<'_> {
         let lin_page = lin & !0xfff;
         let pf_taken = self.vcpu.stats.get(VcpuStat::PfTaken as usize);
         if let Some(c) = &self.emu.decode.code {
-            if c.lin_page == lin_page && c.user == kind.user && c.pf_taken == pf_taken {
-                return Ok(());
+            if c.lin_page == lin_page && c.user == kind.user {
+                if c.pf_taken == pf_taken {
+                    return Ok(());
+                }
+                // KVM handled a fault since: the code page's SPTE may have changed;
+                // still the same translation through the TLB, the cache stays.
+                let gpa_page = c.gpa_page;
+                if let Some(gpa) = self.vcpu.tlb_probe_locked(self.st, self.vm, lin, kind)? {
+                    if gpa & !0xfff == gpa_page {
+                        if let Some(c) = self.emu.decode.code.as_mut() {
+                            c.pf_taken = pf_taken;
+                        }
+                        return Ok(());
+                    }
+                }
             }
         }
         let mut b = [0u8; 1];
