@@ -204,3 +204,53 @@ fn iretq_to_user_mode_and_back_through_a_fault() {
     assert_eq!(g.read_u64(STACK0 - 16), STACK3);
     assert_eq!(g.read_u64(STACK0 - 24) & 0x200, 0x200);
 }
+
+#[test]
+fn syscall_sysret_swapgs() {
+    let user = 0x2000u64;
+    let handler = 0x2800u64;
+    let g = long_guest(0, &[CODE, user, STACK3 - 0x1000], |a| {
+        let wrmsr = |a: &mut CodeAssembler, msr: u32, v: u64| -> Result<(), IcedError> {
+            a.mov(ecx, msr)?;
+            a.mov(eax, v as u32)?;
+            a.mov(edx, (v >> 32) as u32)?;
+            a.wrmsr()
+        };
+        wrmsr(a, 0xc000_0081, (0x08u64 << 48) | (0x08 << 32))?; // STAR
+        wrmsr(a, 0xc000_0082, handler)?; // LSTAR
+        wrmsr(a, 0xc000_0084, 0x200)?; // SFMASK: IF
+        wrmsr(a, 0xc000_0102, 0x5555_0000)?; // KERNEL_GS_BASE
+        a.mov(ecx, 0xc000_0080u32)?;
+        a.rdmsr()?;
+        a.or(eax, 1)?; // EFER.SCE
+        a.wrmsr()?;
+        a.mov(rcx, user)?;
+        a.mov(r11, 0x202u64)?;
+        a.mov(rsp, STACK3)?;
+        a.sysretq()?;
+        Ok(())
+    });
+    let u = kvmmmu_core::testkit::TestGuest::assemble(64, user, |a| {
+        a.mov(eax, 0x77)?;
+        a.syscall()?;
+        Ok(())
+    });
+    g.write_bytes(user, &u);
+    let h = kvmmmu_core::testkit::TestGuest::assemble(64, handler, |a| {
+        a.swapgs()?;
+        a.hlt()?;
+        Ok(())
+    });
+    g.write_bytes(handler, &h);
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = g.vcpu.get_regs();
+    let s = g.vcpu.get_sregs();
+    assert_eq!(r.rax, 0x77);
+    assert_eq!(r.rcx, user + 5 + 2, "return RIP after SYSCALL");
+    assert_eq!(r.r11, 0x202, "RFLAGS at SYSCALL");
+    assert_eq!(r.rflags & 0x200, 0, "SFMASK cleared IF");
+    assert_eq!((s.cs.selector, s.cs.dpl, s.cs.l), (0x08, 0, 1));
+    assert_eq!((s.ss.selector, s.ss.dpl), (0x10, 0));
+    assert_eq!(s.gs.base, 0x5555_0000);
+    assert_eq!(r.rip, handler + 3 + 1);
+}

@@ -47,6 +47,9 @@ pub struct VcpuState {
     pub pkru: u32,
     /// The vCPU's shadow MMU context: roles, roots, pending MMU requests.
     pub mmu: crate::mmu::context::KvmMmu,
+    /// STAR, LSTAR, CSTAR, SFMASK and KERNEL_GS_BASE as the guest's WRMSR set them
+    /// (SYSCALL/SYSRET/SWAPGS; not reachable through KVM_GET/SET_MSRS yet).
+    pub syscall_msrs: emulate::SyscallMsrs,
 }
 
 impl VcpuState {
@@ -63,6 +66,7 @@ impl VcpuState {
             pdptrs: [0; 4],
             pkru: 0,
             mmu: crate::mmu::context::KvmMmu::default(),
+            syscall_msrs: emulate::SyscallMsrs::default(),
         }
     }
 }

@@ -188,6 +188,16 @@ pub const KVM_GUESTDBG_VALID_MASK: u32 = KVM_GUESTDBG_ENABLE
     | KVM_GUESTDBG_INJECT_BP
     | KVM_GUESTDBG_BLOCKIRQ;
 
+/// The MSRs of SYSCALL/SYSRET/SWAPGS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallMsrs {
+    pub star: u64,
+    pub lstar: u64,
+    pub cstar: u64,
+    pub sfmask: u64,
+    pub kernel_gs_base: u64,
+}
+
 /// The interpreter's per-vCPU state that is not architectural.
 #[derive(Debug, Default)]
 pub struct EmuState {

@@ -16,6 +16,11 @@ use crate::vcpu::sregs::{CR0_TS, CR4_DE, CR4_TSD};
 
 pub const SHADOW_MOV_SS: u8 = 1;
 const MSR_FS_BASE: u32 = 0xc000_0100;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SFMASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const MSR_GS_BASE: u32 = 0xc000_0101;
 pub const SHADOW_STI: u8 = 2;
 
@@ -52,6 +57,11 @@ impl Cpu<'_> {
                     0x10 => Some(self.emu.retired),
                     0x1b => Some(self.st.sregs.apic_base),
                     MSR_FS_BASE => Some(self.st.sregs.fs.base),
+                    MSR_STAR => Some(self.st.syscall_msrs.star),
+                    MSR_LSTAR => Some(self.st.syscall_msrs.lstar),
+                    MSR_CSTAR => Some(self.st.syscall_msrs.cstar),
+                    MSR_SFMASK => Some(self.st.syscall_msrs.sfmask),
+                    MSR_KERNEL_GS_BASE => Some(self.st.syscall_msrs.kernel_gs_base),
                     MSR_GS_BASE => Some(self.st.sregs.gs.base),
                     _ => msr::get_msr(self.st, self.vm, idx),
                 };
@@ -66,6 +76,32 @@ impl Cpu<'_> {
                 let v = (self.gpr[0] & 0xffff_ffff) | (self.gpr[2] << 32);
                 if idx == msr::MSR_IA32_EFER {
                     return self.write_cr(ControlReg::Efer, v);
+                }
+                let canonical = crate::paging::is_canonical(v, false);
+                let m = &mut self.st.syscall_msrs;
+                match idx {
+                    MSR_STAR => {
+                        m.star = v;
+                        return Ok(());
+                    }
+                    MSR_SFMASK => {
+                        m.sfmask = v & 0xffff_ffff;
+                        return Ok(());
+                    }
+                    MSR_LSTAR | MSR_CSTAR | MSR_KERNEL_GS_BASE if !canonical => return Err(gp0()),
+                    MSR_LSTAR => {
+                        m.lstar = v;
+                        return Ok(());
+                    }
+                    MSR_CSTAR => {
+                        m.cstar = v;
+                        return Ok(());
+                    }
+                    MSR_KERNEL_GS_BASE => {
+                        m.kernel_gs_base = v;
+                        return Ok(());
+                    }
+                    _ => {}
                 }
                 if idx == MSR_FS_BASE || idx == MSR_GS_BASE {
                     if !crate::paging::is_canonical(v, false) {
@@ -202,9 +238,71 @@ impl Cpu<'_> {
                 })
             }
             M::Wbinvd | M::Invd => self.require_cpl0(),
+            M::Syscall => self.syscall(),
+            M::Sysretq | M::Sysret => self.sysret(ins.mnemonic() == M::Sysretq),
+            M::Swapgs => {
+                if !self.mode64() {
+                    return Some(Err(ud()));
+                }
+                self.require_cpl0().map(|_| {
+                    let m = &mut self.st.syscall_msrs;
+                    std::mem::swap(&mut self.st.sregs.gs.base, &mut m.kernel_gs_base);
+                })
+            }
             M::Mov => return None,
             _ => return None,
         })
+    }
+
+    /// SYSCALL in long mode (EFER.SCE): CS/SS from STAR[47:32], RIP from LSTAR (64-bit)
+    /// or CSTAR (compatibility mode), RCX/R11 = return RIP/RFLAGS, RFLAGS &= !SFMASK.
+    fn syscall(&mut self) -> R<()> {
+        if !self.long_mode() || self.st.sregs.efer & crate::vcpu::sregs::EFER_SCE == 0 {
+            return Err(ud());
+        }
+        let m = self.st.syscall_msrs;
+        let sel = ((m.star >> 32) & 0xfffc) as u16;
+        self.gpr[1] = self.next_rip;
+        self.gpr[11] = self.rflags() & !RF;
+        let target = if self.mode64() { m.lstar } else { m.cstar };
+        let mut cs = flat_segment(sel, 11, 0);
+        cs.l = 1;
+        cs.db = 0;
+        self.st.sregs.cs = cs;
+        self.st.sregs.ss = flat_segment(sel.wrapping_add(8), 3, 0);
+        self.st.regs.rflags = (self.rflags() & !m.sfmask & !RF) | FIXED;
+        self.next_rip = target;
+        self.emu.decode.invalidate_code();
+        Ok(())
+    }
+
+    /// SYSRET to CPL3: 64-bit (REX.W) or compatibility mode, CS/SS from STAR[63:48].
+    fn sysret(&mut self, to64: bool) -> R<()> {
+        if !self.mode64() || self.st.sregs.efer & crate::vcpu::sregs::EFER_SCE == 0 {
+            return Err(ud());
+        }
+        self.require_cpl0()?;
+        let base = ((self.st.syscall_msrs.star >> 48) & 0xffff) as u16;
+        let rip = if to64 {
+            self.gpr[1]
+        } else {
+            self.gpr[1] & 0xffff_ffff
+        };
+        if to64 && !crate::paging::is_canonical(rip, false) {
+            return Err(gp0());
+        }
+        let cs_sel = if to64 { base.wrapping_add(16) } else { base } | 3;
+        let mut cs = flat_segment(cs_sel, 11, 3);
+        if to64 {
+            cs.l = 1;
+            cs.db = 0;
+        }
+        self.st.sregs.cs = cs;
+        self.st.sregs.ss = flat_segment(base.wrapping_add(8) | 3, 3, 3);
+        self.st.regs.rflags = (self.gpr[11] & 0x3c_7fd7) | FIXED;
+        self.next_rip = rip;
+        self.emu.decode.invalidate_code();
+        Ok(())
     }
 
     fn op_size16(&self, ins: &Instruction) -> bool {
@@ -408,5 +506,24 @@ impl Cpu<'_> {
     /// An instruction iced decodes but the model does not execute.
     pub fn not_modelled(&self) -> Stop {
         self.emulation_failure()
+    }
+}
+
+/// The flat 4 GiB segment SYSCALL/SYSRET load.
+fn flat_segment(selector: u16, type_: u8, dpl: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
     }
 }
