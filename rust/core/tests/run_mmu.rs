@@ -360,3 +360,47 @@ fn fault_during_host_invalidation_waits_for_its_end() {
     assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
     g.audit().unwrap();
 }
+
+#[test]
+fn hlt_with_an_in_kernel_irqchip_blocks_until_an_event() {
+    // KVM_CREATE_IRQCHIP: HLT halts inside KVM_RUN (mp_state HALTED, halt_exits +1, no
+    // exit); a kick ends the run with EINTR, an NMI queued by KVM_SET_VCPU_EVENTS
+    // wakes it and is delivered.
+    let g = long_guest(0, &[], |a| {
+        a.hlt()?;
+        a.mov(eax, 1)?;
+        a.hlt()?;
+        Ok(())
+    });
+    // (KVM_CREATE_IRQCHIP must precede the vCPU, which the test kit made already.)
+    g.vm.state().irqchip = true;
+    let v = Arc::clone(&g.vcpu);
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        v.kick();
+    });
+    let (r, reason) = g.run();
+    t.join().unwrap();
+    assert_eq!(
+        (r, reason),
+        (Err(kvmmmu_core::errno::Errno::EINTR), KVM_EXIT_INTR)
+    );
+    assert_eq!(g.vcpu.get_regs().rip, CODE + 1);
+    assert_eq!(
+        g.vcpu.state().mp.current(true),
+        kvmmmu_core::vcpu::mp_state::HALTED
+    );
+    assert_eq!(g.vcpu.stats.get(VcpuStat::HaltExits as usize), 1);
+    g.vcpu.state().events.nmi_pending = 1;
+    let v = Arc::clone(&g.vcpu);
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        v.kick();
+    });
+    let (r, _) = g.run();
+    t.join().unwrap();
+    assert_eq!(r, Err(kvmmmu_core::errno::Errno::EINTR));
+    // The NMI (vector 2) went through the IDT to its stub, which halted again.
+    assert_eq!(report(&g).vector, 2);
+    assert_eq!(report(&g).rip, CODE + 1);
+}

@@ -158,12 +158,16 @@ impl Vcpu {
             return Err(Errno::EINTR);
         }
         self.set_exit_reason(KVM_EXIT_UNKNOWN);
-        let mut first = true;
         loop {
             if self.interrupted() {
                 self.set_exit_reason(KVM_EXIT_INTR);
                 self.stats.add(VcpuStat::SignalExits as usize, 1);
                 return Err(Errno::EINTR);
+            }
+            if irqchip && !self.wake_if_halted() {
+                // vcpu_block: nothing can wake it but an event or a signal (kick).
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
             }
             let n = match emu.budget {
                 Some(0) => {
@@ -174,7 +178,8 @@ impl Vcpu {
                 Some(b) => (b as usize).min(BATCH),
                 None => BATCH,
             };
-            let r = self.run_batch(&vm, emu, n, first);
+            // Every entry delivers what is queued (kvm_check_and_inject_events).
+            let r = self.run_batch(&vm, emu, n, true);
             if let Some(b) = emu.budget.as_mut() {
                 // The whole batch counts, also when it ended early at an exit.
                 *b = b.saturating_sub(n as u64);
@@ -183,10 +188,38 @@ impl Vcpu {
                 Ok(()) => {}
                 // Let the thread ending the invalidation take the VM lock.
                 Err(RunStop::Retry) => std::thread::yield_now(),
+                // With an in-kernel APIC, HLT halts the vCPU inside KVM_RUN
+                // (__kvm_emulate_halt): counted, no exit to userspace.
+                Err(RunStop::Exit(Exit::Hlt)) if irqchip => {
+                    self.stats.add(VcpuStat::HaltExits as usize, 1);
+                    self.stats.add(VcpuStat::Exits as usize, 1);
+                    self.state().mp.set_state(super::mp_state::HALTED);
+                }
                 Err(stop) => return self.finish_stop(stop, emu),
             }
-            first = false;
         }
+    }
+
+    /// A HALTED vCPU (in-kernel APIC) becomes RUNNABLE on an event it can take: an
+    /// NMI, a queued exception or interrupt, a triple fault, INIT. False: still halted.
+    fn wake_if_halted(&self) -> bool {
+        let mut st = self.state();
+        if st.mp.current(true) != super::mp_state::HALTED {
+            return true;
+        }
+        let ev = &st.events;
+        let wake = ev.nmi_pending > 0
+            || ev.nmi_queued > 0
+            || ev.nmi_injected
+            || ev.exception.injected
+            || ev.exception.pending
+            || ev.triple_fault_pending
+            || st.mp.init_pending
+            || super::events::queued_interrupt(&st).injected;
+        if wake {
+            st.mp.set_state(super::mp_state::RUNNABLE);
+        }
+        wake
     }
 
     /// Run up to `n` instructions with the vCPU and VM locked.
