@@ -204,3 +204,24 @@ fn real_mode_to_long_mode() {
     assert_eq!(r.rbx & 0x8000_0001, 0x8000_0001);
     g.audit().unwrap();
 }
+
+#[test]
+fn write_to_a_host_write_protected_page_breaks_cow() {
+    // The host maps the page read-only (KSM, fork): the guest's write makes KVM's
+    // get_user_pages(FOLL_WRITE) copy it, and the write lands.
+    for mode in [PagingMode::None, PagingMode::Bits32] {
+        let g = pm32_guest(mode, 0, &[], |a| {
+            a.mov(dword_ptr(0x10_0000), 0x1234_5678)?;
+            a.hlt()?;
+            Ok(())
+        });
+        g.vm.host_write_protect(g.host.addr() + 0x10_0000, 4096)
+            .unwrap();
+        let mut res = g.vcpu.get_regs();
+        res.rflags = 2;
+        g.vcpu.set_regs(&res).unwrap();
+        g.vcpu.set_instruction_budget(Some(10_000));
+        assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT), "{mode:?}");
+        assert_eq!(g.read_bytes(0x10_0000, 4), 0x1234_5678u32.to_le_bytes());
+    }
+}
