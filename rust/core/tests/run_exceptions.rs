@@ -254,3 +254,26 @@ fn syscall_sysret_swapgs() {
     assert_eq!(s.gs.base, 0x5555_0000);
     assert_eq!(r.rip, handler + 3 + 1);
 }
+
+#[test]
+fn interrupt_stack_table() {
+    // Gate 14 with IST1: the #PF handler runs on TSS.IST1 (STACK0 - 0x800), aligned.
+    let g = long_guest(0, &[], |a| {
+        a.mov(rsp, 0x8ff3u64)?; // an unaligned stack that must not be used
+        a.mov(rbx, 0x40_0000u64)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        Ok(())
+    });
+    let lo = g.read_u64(IDT + 16 * 14);
+    g.write_u64(IDT + 16 * 14, lo | (1 << 32));
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = report(&g);
+    assert_eq!(r.vector, 14);
+    // The stub popped the error code: 5 of the 6 pushed words remain.
+    assert_eq!(r.rsp_at_entry, STACK0 - 0x800 - 5 * 8);
+    assert_eq!(
+        g.read_u64(STACK0 - 0x800 - 16),
+        0x8ff3,
+        "old RSP in the frame"
+    );
+}
