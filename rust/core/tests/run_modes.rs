@@ -225,3 +225,35 @@ fn write_to_a_host_write_protected_page_breaks_cow() {
         assert_eq!(g.read_bytes(0x10_0000, 4), 0x1234_5678u32.to_le_bytes());
     }
 }
+
+#[test]
+fn compatibility_mode_code_and_its_page_fault() {
+    // 32-bit code under long mode (CS.L = 0, CS.D = 1): 32-bit addressing, and a #PF
+    // delivered through the 64-bit IDT into 64-bit code.
+    let g = long_guest(0, &[], |a| a.nop());
+    let code = TestGuest::assemble(32, CODE, |a| {
+        a.mov(ebx, 0x10_0000)?;
+        a.mov(dword_ptr(ebx), 0xabcd)?;
+        a.mov(ecx, dword_ptr(ebx))?;
+        a.push(ecx)?; // 4-byte push in compatibility mode
+        a.mov(ebx, 0x40_0000)?;
+        a.mov(eax, dword_ptr(ebx))?; // not mapped
+        Ok(())
+    });
+    g.write_bytes(CODE, &code);
+    {
+        let mut st = g.vcpu.state();
+        st.sregs.cs.l = 0;
+        st.sregs.cs.db = 1;
+    }
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = report(&g);
+    assert_eq!((r.vector, r.cr2), (14, 0x40_0000));
+    assert_eq!(g.vcpu.get_regs().rcx & 0xffff_ffff, 0xabcd);
+    assert_eq!(g.read_bytes(STACK0 - 4, 4), 0xabcdu32.to_le_bytes());
+    assert_eq!(
+        g.vcpu.get_sregs().cs.l,
+        1,
+        "the handler runs in 64-bit mode"
+    );
+}
