@@ -353,20 +353,12 @@ def test_stub_reports_fault(backend: str, name: str) -> None:
         m.vm.close()
 
 
-RF = 1 << 16
-
-
 @pytest.mark.skipif(DEVICE_PROBLEM is not None, reason=f"no usable KVM device: {DEVICE_PROBLEM}")
-@pytest.mark.parametrize("rf", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=False,
-    reason="known difference: KVM sets RFLAGS.RF for fault-class exceptions before "
-    "injecting them (x86.c inject_pending_event), the simulator does not",
-))])  # fmt: skip
 @pytest.mark.parametrize("name", sorted(FAULTS))
-def test_stub_frames_are_the_same_on_both_backends(name: str, rf: bool) -> None:
+def test_stub_frames_are_the_same_on_both_backends(name: str) -> None:
     """The exits and the whole frame the stub halts on (saved registers, error code,
-    RIP, CS, RFLAGS, RSP, SS) agree between simulator and device; RFLAGS.RF apart
-    unless ``rf``."""
+    RIP, CS, RFLAGS with RF set for faults, RSP, SS) agree between simulator and
+    device."""
     got = {}
     for backend in ("sim", "dev"):
         g, cpl = fault_guest(name)
@@ -374,8 +366,6 @@ def test_stub_frames_are_the_same_on_both_backends(name: str, rf: bool) -> None:
             m = g.boot(kvm, cpl=cpl, entry=CODE)
             seen, _ = run_to_report(m)
             frame = m.stub_frame()
-            if not rf:
-                frame["rflags"] &= ~RF
             got[backend] = ([str(e) for e in seen], frame, m.vcpu.get_regs().rsp)
             m.vcpu.close()
             m.vm.close()

@@ -76,6 +76,10 @@ impl Vcpu {
     pub fn run(&self) -> Result<i64> {
         let mut emu = self.emu.lock().unwrap_or_else(|e| e.into_inner());
         let r = self.run_locked(&mut emu);
+        // A kick is a signal: it is consumed when KVM_RUN returns, whatever the exit
+        // (a VMM's handler sets immediate_exit for the next entry, as kick() in Python
+        // does), so it never makes a later KVM_RUN fail spuriously.
+        self.kick.store(false, Ordering::SeqCst);
         self.post_run_save();
         r
     }

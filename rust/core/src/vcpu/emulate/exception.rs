@@ -33,6 +33,15 @@ fn class(v: u8) -> u8 {
     }
 }
 
+/// KVM's exception_type() == EXCPT_FAULT: every vector but the traps (#DB, #BP,
+/// #OF) and the aborts (#DF, #MC); reserved vectors count as faults.
+fn is_fault(v: u8) -> bool {
+    !matches!(
+        v,
+        vector::DB | vector::NMI | vector::BP | vector::OF | vector::DF | vector::MC
+    )
+}
+
 /// The SDM's table: the second exception is turned into #DF.
 fn makes_df(first: u8, second: u8) -> bool {
     let (a, b) = (class(first), class(second));
@@ -145,7 +154,13 @@ impl Cpu<'_> {
         }
         let conforming = cs.typ() & 4 != 0;
         let new_cpl = if conforming { cpl } else { cs.dpl() };
-        let old_rflags = self.rflags();
+        // The image of a fault-class exception has RF set (SDM 17.3.1.1; KVM sets it
+        // before injecting one: inject_pending_event with exception_type()).
+        let old_rflags = if kind == EventKind::Exception && is_fault(vec) {
+            self.rflags() | RF
+        } else {
+            self.rflags()
+        };
         let old_ss = self.st.sregs.ss;
         let old_rsp = self.gpr[4];
         let old_cs = self.st.sregs.cs.selector;

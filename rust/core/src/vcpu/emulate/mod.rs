@@ -57,6 +57,7 @@ pub mod vector {
     pub const PF: u8 = 14;
     pub const MF: u8 = 16;
     pub const AC: u8 = 17;
+    pub const MC: u8 = 18;
 }
 
 /// Why KVM_RUN returns to userspace (the kvm_run exit it fills).
