@@ -41,7 +41,7 @@
 //!   one page, the page has no slot (or is read-only and the access a write); IO:
 //!   direction 0/1, size 1/2/4, count >= 1, data_offset the PIO page and the data
 //!   inside the mmap area; internal error: suberror and ndata in range; debug: #DB
-//!   or #BP;
+//!   or #BP, and a #DB's pc is the linear RIP (kvm_get_linear_rip);
 //! - RIP is canonical in 64-bit mode and below 4 GiB otherwise; RFLAGS has bit 1
 //!   set and no reserved bit; SS.DPL is the CPL (CS.RPL) in protected mode; the
 //!   sregs pass KVM_SET_SREGS's checks;
@@ -991,6 +991,20 @@ impl Fuzz {
                 let ex = self.run_u32(u);
                 if ex != 1 && ex != 3 {
                     self.fail(format!("debug exit with exception {ex}"));
+                }
+                // kvm_inject_emulated_db / kvm_vcpu_do_singlestep: pc is
+                // kvm_get_linear_rip, RIP in 64-bit mode, else (u32)(CS.base + RIP).
+                let pc = u64::from_le_bytes(self.run_bytes(u + 8, 8).try_into().unwrap());
+                let (r, sr) = (self.vcpu.get_regs(), self.vcpu.get_sregs());
+                let linear = if sr.efer & EFER_LMA != 0 && sr.cs.l != 0 {
+                    r.rip
+                } else {
+                    sr.cs.base.wrapping_add(r.rip) & 0xffff_ffff
+                };
+                if ex == 1 && pc != linear {
+                    self.fail(format!(
+                        "#DB exit with pc {pc:#x}, but the linear RIP is {linear:#x}"
+                    ));
                 }
             }
             KVM_EXIT_HLT
