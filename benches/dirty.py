@@ -40,6 +40,12 @@ phases and 5 for dirty ones). ``KVMMMU_DIRTY_SIZES=1GiB,64GiB`` limits the slot
 sizes (a 1 TiB slot on the device costs about 2 GiB of kernel rmaps and seconds to
 create). Without a usable device the ``dev`` figures and ratios are skipped.
 
+The user's bitmap (the ``dirty_bitmap`` both backends write, one per rig) lives in a
+``kvmmmu.GuestMemory`` by default (``KVMMMU_DIRTY_BITMAP=guest``): memory the core
+owns, which the simulator's copy_to_user writes directly, as the kernel's does;
+``KVMMMU_DIRTY_BITMAP=heap`` puts it in a numpy heap array, which the simulator
+can only reach through process_vm_writev (and /dev/zero reads for zero runs).
+
 ``python benches/dirty.py`` prints the whole table without asv. The Rust core's
 own figures, with 0.1 % and 10 % of the pages dirty, are in rust/core/benches/dirty.rs.
 """
@@ -73,6 +79,7 @@ PML4 = 0x1000
 RING_BYTES = 1 << 20  # 65536 entries: the largest ring
 MSR_KVM_WALL_CLOCK_NEW = 0x4B56_4D00
 MAX_IO_MSRS = 255  # entries per KVM_SET_MSRS (the kernel refuses 256 and more)
+BITMAP = os.environ.get("KVMMMU_DIRTY_BITMAP", "guest")
 _rounds = os.environ.get("KVMMMU_DIRTY_ROUNDS")
 ROUNDS_CLEAN = int(_rounds) if _rounds else 7
 ROUNDS_DIRTY = int(_rounds) if _rounds else 5
@@ -131,7 +138,13 @@ class Rig:
         self.vcpu = self.vm.create_vcpu(0)
         if backend == "sim":
             self._guest_paging()
-        self.bitmap = np.empty(-(-self.npages // 64), dtype=np.uint64)
+        nwords = -(-self.npages // 64)
+        self._bitmap_mem: Any = None
+        if BITMAP == "heap":
+            self.bitmap = np.empty(nwords, dtype=np.uint64)
+        else:
+            self._bitmap_mem = kvmmmu.GuestMemory(8 * nwords)
+            self.bitmap = np.frombuffer(self._bitmap_mem, dtype=np.uint64, count=nwords)
         self.bitmap.fill(0)  # faulted in: GET measures KVM, not first-touch faults
         self.log = uapi.kvm_dirty_log(slot=SLOT, dirty_bitmap=self.bitmap.ctypes.data)
         self.clr = uapi.kvm_clear_dirty_log(
@@ -470,7 +483,7 @@ def main() -> None:
     if problem is not None:
         print(f"device: {problem} (simulator only)")
     m = measure()
-    print(f"rounds: {ROUNDS_CLEAN} clean, {ROUNDS_DIRTY} dirty; medians")
+    print(f"rounds: {ROUNDS_CLEAN} clean, {ROUNDS_DIRTY} dirty; medians; bitmap: {BITMAP}")
     head = f"{'phase':<24}" + "".join(f"{s + ' sim':>12}{'dev':>11}{'sim/dev':>9}" for s in SIZES)
     print(head)
     for phase in (*PHASES, *SIM_ONLY, *(f"ring_entries({d})" for d in DIRTY)):

@@ -116,20 +116,34 @@ impl DirtyBitmap {
 
     /// Visit the non-zero words, in order, as (word index, value).
     pub fn for_each_word(&self, mut f: impl FnMut(u64, u64)) {
-        for (c, slot) in self.chunks.iter().enumerate() {
-            let Some(chunk) = slot.get() else { continue };
-            for (s, sw) in chunk.summary.iter().enumerate() {
-                let mut bits = sw.load(Ordering::Acquire);
-                while bits != 0 {
-                    let w = s * 64 + bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    let v = chunk.words[w].load(Ordering::Acquire);
-                    if v != 0 {
-                        f((c * CHUNK_WORDS + w) as u64, v);
-                    }
-                }
-            }
+        for (w, v) in self.words() {
+            f(w, v);
         }
+    }
+
+    /// The non-zero words now, in order, as (word index, value): only the words the
+    /// chunks' summaries mark are read.
+    pub fn words(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(c, slot)| slot.get().map(|chunk| (c, chunk)))
+            .flat_map(|(c, chunk)| {
+                chunk.summary.iter().enumerate().flat_map(move |(s, sw)| {
+                    let mut bits = sw.load(Ordering::Acquire);
+                    std::iter::from_fn(move || {
+                        while bits != 0 {
+                            let w = s * 64 + bits.trailing_zeros() as usize;
+                            bits &= bits - 1;
+                            let v = chunk.words[w].load(Ordering::Acquire);
+                            if v != 0 {
+                                return Some(((c * CHUNK_WORDS + w) as u64, v));
+                            }
+                        }
+                        None
+                    })
+                })
+            })
     }
 
     /// xchg every non-zero word with 0 (GET_DIRTY_LOG without manual protect),
@@ -200,28 +214,175 @@ impl DirtyBitmap {
 pub const MANUAL_PROTECT_ENABLE: u64 = 1;
 pub const INITIALLY_SET: u64 = 2;
 
-/// Bytes written per copy when a bitmap goes out to user memory.
+/// Words per tile of the copy-out: one 4 KiB page of the user's bitmap.
+const TILE_WORDS: u64 = CHUNK_WORDS as u64;
+/// Tiles staged per batch of writes (one process_vm_writev, one readv of /dev/zero).
+const BATCH_TILES: usize = 128;
+/// Words per block when the user's bitmap comes in (CLEAR_DIRTY_LOG).
 const COPY_BLOCK_WORDS: usize = 32 * 1024;
 
-/// Write `nwords` bitmap words to user memory at `addr`, taking them from `fill`
-/// (called in increasing order) through one reused block buffer.
+thread_local! {
+    /// The copy-out's staging buffer, reused: a fresh one each GET would be mapped
+    /// and faulted in every time.
+    static STAGING: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A bitmap image on its way to user memory at `addr`: ranges of words are staged
+/// (in increasing order), the gaps between them are zeroed (clear_user), in batches.
+struct CopyOut<'a> {
+    ua: &'a mut dyn crate::uaccess::UserAccess,
+    addr: u64,
+    nwords: u64,
+    stage: &'a mut Vec<u64>,
+    /// (first word, index in stage, words) per staged run.
+    runs: Vec<(u64, usize, usize)>,
+    /// (address, bytes) of the zero runs.
+    zeros: Vec<(u64, usize)>,
+    /// Words before this are staged or queued as zeros.
+    done: u64,
+    staged: usize,
+}
+
+impl CopyOut<'_> {
+    fn flush(&mut self) -> crate::errno::Result<()> {
+        use zerocopy::IntoBytes;
+        self.ua.clear_user(&self.zeros)?;
+        let stage = &*self.stage;
+        let segs: Vec<(u64, &[u8])> = self
+            .runs
+            .iter()
+            .map(|&(w, i, n)| (self.addr + 8 * w, stage[i..i + n].as_bytes()))
+            .collect();
+        self.ua.copy_to_user_segs(&segs)?;
+        self.stage.clear();
+        self.runs.clear();
+        self.zeros.clear();
+        self.staged = 0;
+        Ok(())
+    }
+
+    /// Stage words `[start, end)` (zeroed; `start >= done`), for the caller to fill:
+    /// their index in `stage`.
+    fn stage(&mut self, start: u64, end: u64) -> crate::errno::Result<usize> {
+        debug_assert!(self.done <= start && start < end && end <= self.nwords);
+        if self.staged >= BATCH_TILES * TILE_WORDS as usize {
+            self.flush()?;
+        }
+        if start > self.done {
+            self.zeros
+                .push((self.addr + 8 * self.done, 8 * (start - self.done) as usize));
+        }
+        let i = self.stage.len();
+        let n = (end - start) as usize;
+        self.stage.resize(i + n, 0);
+        match self.runs.last_mut() {
+            Some((rw, _, rn)) if *rw + *rn as u64 == start => *rn += n,
+            _ => self.runs.push((start, i, n)),
+        }
+        self.done = end;
+        self.staged += n;
+        Ok(i)
+    }
+
+    fn finish(mut self) -> crate::errno::Result<()> {
+        if self.done < self.nwords {
+            self.zeros.push((
+                self.addr + 8 * self.done,
+                8 * (self.nwords - self.done) as usize,
+            ));
+        }
+        self.flush()
+    }
+}
+
+/// Run `f` on a CopyOut of an `nwords`-word image at `addr`, after access_ok.
+fn with_copy_out(
+    ua: &mut dyn crate::uaccess::UserAccess,
+    addr: u64,
+    nwords: u64,
+    f: impl FnOnce(&mut CopyOut<'_>) -> crate::errno::Result<()>,
+) -> crate::errno::Result<()> {
+    if nwords == 0 {
+        return Ok(());
+    }
+    // access_ok on the whole image first, as copy_to_user does.
+    addr.checked_add(8 * nwords)
+        .filter(|&end| end <= crate::uaccess::TASK_SIZE_MAX)
+        .ok_or(crate::errno::Errno::EFAULT)?;
+    STAGING.with_borrow_mut(|stage| {
+        stage.clear();
+        let mut out = CopyOut {
+            ua,
+            addr,
+            nwords,
+            stage,
+            runs: Vec::new(),
+            zeros: Vec::new(),
+            done: 0,
+            staged: 0,
+        };
+        let r = f(&mut out).and_then(|()| out.finish());
+        stage.clear();
+        r
+    })
+}
+
+/// Write the `nwords`-word bitmap whose non-zero words are `words` (in increasing
+/// order) to user memory at `addr`, as copy_to_user of the whole image would: the
+/// user's pages that hold a non-zero word are staged and written, the runs between
+/// them are zeroed, so the cost follows the dirty pages and a zero run costs a
+/// memset, not a copy.
 fn copy_bitmap_out(
     ua: &mut dyn crate::uaccess::UserAccess,
     addr: u64,
     nwords: u64,
-    mut fill: impl FnMut(u64, &mut [u64]),
+    words: impl IntoIterator<Item = (u64, u64)>,
 ) -> crate::errno::Result<()> {
-    use zerocopy::IntoBytes;
-    let mut buf = vec![0u64; (nwords as usize).min(COPY_BLOCK_WORDS)];
-    let mut w = 0u64;
-    while w < nwords {
-        let n = ((nwords - w) as usize).min(buf.len());
-        fill(w, &mut buf[..n]);
-        // x86 is little-endian: the words' bytes are the kernel's bitmap layout.
-        ua.copy_to_user(addr + 8 * w, buf[..n].as_bytes())?;
-        w += n as u64;
-    }
-    Ok(())
+    // Tiles follow the user's pages, so a written tile pins one page.
+    let skew = (addr % 4096) / 8;
+    with_copy_out(ua, addr, nwords, |out| {
+        // (first word, index in stage) of the tile being filled.
+        let mut tile = (0u64, 0usize);
+        for (w, v) in words {
+            if w >= nwords || v == 0 {
+                continue;
+            }
+            if w >= out.done {
+                let k = (w + skew) / TILE_WORDS;
+                let start = (k * TILE_WORDS).saturating_sub(skew);
+                let end = ((k + 1) * TILE_WORDS - skew).min(nwords);
+                tile = (start, out.stage(start, end)?);
+            }
+            out.stage[tile.1 + (w - tile.0) as usize] = v;
+        }
+        Ok(())
+    })
+}
+
+/// Write a live bitmap (manual protect's GET) to user memory at `addr`: every chunk
+/// whose summary marks a word is copied whole (a chunk is one 4 KiB tile, and a
+/// bulk copy beats visiting its words one by one), the rest is zeroed.
+fn copy_live_bitmap_out(
+    ua: &mut dyn crate::uaccess::UserAccess,
+    addr: u64,
+    bitmap: &DirtyBitmap,
+) -> crate::errno::Result<()> {
+    let nwords = bitmap.nwords();
+    with_copy_out(ua, addr, nwords, |out| {
+        for (c, slot) in bitmap.chunks.iter().enumerate() {
+            let Some(chunk) = slot.get() else { continue };
+            if chunk.summary.iter().all(|s| s.load(Ordering::Acquire) == 0) {
+                continue;
+            }
+            let start = (c * CHUNK_WORDS) as u64;
+            let end = (start + CHUNK_WORDS as u64).min(nwords);
+            let i = out.stage(start, end)?;
+            for (d, w) in out.stage[i..].iter_mut().zip(chunk.words.iter()) {
+                *d = w.load(Ordering::Acquire);
+            }
+        }
+        Ok(())
+    })
 }
 
 impl crate::vm::Vm {
@@ -263,23 +424,11 @@ impl crate::vm::Vm {
         let nwords = bitmap.nwords();
         if st.caps.manual_dirty_log & MANUAL_PROTECT_ENABLE != 0 {
             drop(guard);
-            return copy_bitmap_out(ua, log.dirty_bitmap, nwords, |w, out| {
-                bitmap.copy_words(w, out)
-            });
+            return copy_live_bitmap_out(ua, log.dirty_bitmap, &bitmap);
         }
         let taken = Self::take_and_reprotect(st, &slot, &bitmap);
         drop(guard);
-        let mut it = taken.iter().peekable();
-        copy_bitmap_out(ua, log.dirty_bitmap, nwords, |first, out| {
-            out.fill(0);
-            while let Some(&&(w, v)) = it.peek() {
-                if w >= first + out.len() as u64 {
-                    break;
-                }
-                out[(w - first) as usize] = v;
-                it.next();
-            }
-        })
+        copy_bitmap_out(ua, log.dirty_bitmap, nwords, taken)
     }
 
     /// The harvest of GET_DIRTY_LOG without manual protect: the dirty words, taken
@@ -445,5 +594,100 @@ mod tests {
         assert_eq!(b.word(1), (1 << 6) - 1);
         assert_eq!(b.clear_word(1, 0b1100_0000_0011), 0b11);
         assert_eq!(b.word(1), (1 << 6) - 1 - 0b11);
+    }
+
+    /// The image copy_bitmap_out must leave: the words where given, zeros elsewhere.
+    fn image(nwords: u64, words: &[(u64, u64)]) -> Vec<u64> {
+        let mut v = vec![0u64; nwords as usize];
+        for &(w, x) in words {
+            v[w as usize] = x;
+        }
+        v
+    }
+
+    #[test]
+    fn copy_out_matches_the_whole_image() {
+        use crate::uaccess::ProcessVm;
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for &(nwords, ndirty) in &[
+            (1u64, 1usize),
+            (70, 3),
+            (4096, 1000),
+            (300_000, 40),
+            (300_000, 20_000),
+        ] {
+            for skew in [0usize, 1, 5, 511] {
+                let mut words: Vec<(u64, u64)> =
+                    (0..ndirty).map(|_| (rnd() % nwords, rnd() | 1)).collect();
+                words.sort_unstable();
+                words.dedup_by_key(|e| e.0);
+                // Garbage first, so every word must be written.
+                let mut user = vec![0xa5a5_a5a5_a5a5_a5a5u64; nwords as usize + skew];
+                let addr = user[skew..].as_mut_ptr() as u64;
+                copy_bitmap_out(&mut ProcessVm, addr, nwords, words.iter().copied()).unwrap();
+                assert!(
+                    user[skew..] == image(nwords, &words)[..],
+                    "{nwords} {ndirty} {skew}"
+                );
+                assert!(user[..skew].iter().all(|&x| x == 0xa5a5_a5a5_a5a5_a5a5));
+            }
+        }
+    }
+
+    #[test]
+    fn copy_out_to_a_bad_pointer_faults() {
+        use crate::errno::Errno;
+        use crate::uaccess::ProcessVm;
+        for words in [vec![], vec![(3u64, 1u64)], vec![(0, 1), (5000, 2)]] {
+            for addr in [0u64, 0x10, crate::uaccess::TASK_SIZE_MAX - 8, u64::MAX - 7] {
+                assert_eq!(
+                    copy_bitmap_out(&mut ProcessVm, addr, 8192, words.iter().copied()),
+                    Err(Errno::EFAULT)
+                );
+            }
+        }
+        // Read-only memory: the page of a string literal.
+        static RO: [u64; 1024] = [0; 1024];
+        assert_eq!(
+            copy_bitmap_out(&mut ProcessVm, RO.as_ptr() as u64, 1024, [(2u64, 1u64)]),
+            Err(Errno::EFAULT)
+        );
+        assert_eq!(
+            copy_bitmap_out(&mut ProcessVm, RO.as_ptr() as u64, 1024, []),
+            Err(Errno::EFAULT)
+        );
+        assert!(RO.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn live_copy_out_matches_the_bitmap() {
+        use crate::uaccess::ProcessVm;
+        for npages in [1u64, 70, CHUNK_PAGES * 3 + 100, 1 << 22] {
+            let b = DirtyBitmap::new(npages);
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            for _ in 0..200 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.set(x % npages);
+            }
+            // A chunk whose summary marks a word that is zero again.
+            b.clear_word(0, u64::MAX);
+            let nwords = b.nwords();
+            let mut words = vec![];
+            b.for_each_word(|w, v| words.push((w, v)));
+            for skew in [0usize, 3] {
+                let mut user = vec![u64::MAX; nwords as usize + skew];
+                let addr = user[skew..].as_mut_ptr() as u64;
+                copy_live_bitmap_out(&mut ProcessVm, addr, &b).unwrap();
+                assert!(user[skew..] == image(nwords, &words)[..], "{npages} {skew}");
+            }
+        }
     }
 }

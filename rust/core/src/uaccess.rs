@@ -3,20 +3,50 @@
 //! An ioctl argument is a user pointer in this process, exactly as the kernel
 //! sees it. The simulator reads and writes it with process_vm_readv/writev on
 //! its own pid, so a bad pointer yields EFAULT (as the kernel's uaccess does),
-//! never a crash.
+//! never a crash. Large zero runs are written by reading /dev/zero into them (the
+//! kernel's clear_user: no source to read, no pages pinned), and scattered pieces go
+//! out in one process_vm_writev per batch. Memory the core itself owns (a
+//! registered HostRegion: GuestMemory) is copied directly: the registry's `Arc`
+//! keeps it mapped for the copy and it is mapped read/write for its whole life.
 
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::{Arc, OnceLock};
+
+use nix::libc;
 
 use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::errno::{Errno, Result};
+use crate::hostmem::HostRegion;
 
 /// User memory as seen by an ioctl handler.
 pub trait UserAccess {
     fn copy_from_user(&mut self, addr: u64, buf: &mut [u8]) -> Result<()>;
     fn copy_to_user(&mut self, addr: u64, buf: &[u8]) -> Result<()>;
+
+    /// Zero every `(addr, len)` range (clear_user), in order.
+    fn clear_user(&mut self, ranges: &[(u64, usize)]) -> Result<()> {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        for &(addr, len) in ranges {
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(ZEROS.len());
+                self.copy_to_user(addr + done as u64, &ZEROS[..n])?;
+                done += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// copy_to_user of every `(addr, bytes)` segment, in order.
+    fn copy_to_user_segs(&mut self, segs: &[(u64, &[u8])]) -> Result<()> {
+        for &(addr, buf) in segs {
+            self.copy_to_user(addr, buf)?;
+        }
+        Ok(())
+    }
 }
 
 /// Read a plain-data struct from user memory.
@@ -48,6 +78,92 @@ fn check_range(addr: u64, len: usize) -> Result<()> {
     Ok(())
 }
 
+/// Segments per readv / process_vm_writev (the kernel's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
+/// /dev/zero, opened once: reading it into user memory is the kernel's clear_user.
+fn dev_zero() -> Option<&'static std::fs::File> {
+    static ZERO: OnceLock<Option<std::fs::File>> = OnceLock::new();
+    ZERO.get_or_init(|| std::fs::File::open("/dev/zero").ok())
+        .as_ref()
+}
+
+/// readv(/dev/zero) over `iov` until every byte is written: a fault (or no
+/// progress) is EFAULT; a signal's short count or EINTR resumes where it stopped.
+fn zero_fill(zero: &std::fs::File, iov: &mut [libc::iovec]) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut first = 0;
+    while first < iov.len() {
+        let rest = &mut iov[first..];
+        // SAFETY: readv writes only through the iovecs, each of which names a range
+        // of this process's user address space below TASK_SIZE_MAX (checked by the
+        // caller) that the ioctl's caller handed over as user memory, exactly as
+        // process_vm_writev would write it; the kernel validates every page and
+        // returns EFAULT (or a short count) for an unmapped or read-only one. No Rust
+        // reference to that memory is created here.
+        let r = unsafe { libc::readv(zero.as_raw_fd(), rest.as_ptr(), rest.len() as i32) };
+        if r < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(Errno::EFAULT);
+        }
+        if r == 0 {
+            return Err(Errno::EFAULT);
+        }
+        let mut left = r as usize;
+        while left > 0 {
+            let v = &mut iov[first];
+            if left >= v.iov_len {
+                left -= v.iov_len;
+                first += 1;
+            } else {
+                v.iov_base = (v.iov_base as usize + left) as *mut libc::c_void;
+                v.iov_len -= left;
+                left = 0;
+            }
+        }
+        while first < iov.len() && iov[first].iov_len == 0 {
+            first += 1;
+        }
+    }
+    Ok(())
+}
+
+/// The core-owned region holding `[addr, addr + len)`, reusing `cache` when it does.
+fn owned_region(
+    cache: &mut Option<Arc<HostRegion>>,
+    addr: u64,
+    len: usize,
+) -> Option<(Arc<HostRegion>, usize)> {
+    if let Some(r) = cache {
+        if let Some(off) = addr.checked_sub(r.addr()) {
+            if off
+                .checked_add(len as u64)
+                .is_some_and(|e| e <= r.size() as u64)
+            {
+                return Some((r.clone(), off as usize));
+            }
+        }
+    }
+    let (r, off) = HostRegion::lookup(addr, len as u64)?;
+    *cache = Some(r.clone());
+    Some((r, off))
+}
+
+/// Zeros for clearing core-owned memory.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+fn clear_region(r: &HostRegion, off: usize, len: usize) -> Result<()> {
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZEROS.len());
+        r.write(off + done, &ZEROS[..n])?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Highest user address + 1 on x86-64 with 4-level host paging (TASK_SIZE_MAX).
 pub const TASK_SIZE_MAX: u64 = 0x7fff_ffff_f000;
 
@@ -57,6 +173,9 @@ impl UserAccess for ProcessVm {
             return Ok(());
         }
         check_range(addr, buf.len())?;
+        if let Some((r, off)) = owned_region(&mut None, addr, buf.len()) {
+            return r.read(off, buf);
+        }
         let len = buf.len();
         let remote = [RemoteIoVec {
             base: addr as usize,
@@ -74,6 +193,9 @@ impl UserAccess for ProcessVm {
             return Ok(());
         }
         check_range(addr, buf.len())?;
+        if let Some((r, off)) = owned_region(&mut None, addr, buf.len()) {
+            return r.write(off, buf);
+        }
         let remote = [RemoteIoVec {
             base: addr as usize,
             len: buf.len(),
@@ -83,6 +205,73 @@ impl UserAccess for ProcessVm {
             Ok(n) if n == buf.len() => Ok(()),
             _ => Err(Errno::EFAULT),
         }
+    }
+
+    fn clear_user(&mut self, ranges: &[(u64, usize)]) -> Result<()> {
+        let Some(zero) = dev_zero() else {
+            return ranges.iter().try_for_each(|&(addr, len)| {
+                check_range(addr, len)?;
+                let zeros = vec![0u8; len.min(1 << 20)];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(zeros.len());
+                    self.copy_to_user(addr + done as u64, &zeros[..n])?;
+                    done += n;
+                }
+                Ok(())
+            });
+        };
+        let mut iov = Vec::with_capacity(ranges.len().min(IOV_MAX));
+        let mut cache = None;
+        for batch in ranges.chunks(IOV_MAX) {
+            iov.clear();
+            for &(addr, len) in batch {
+                check_range(addr, len)?;
+                if let Some((r, off)) = owned_region(&mut cache, addr, len) {
+                    clear_region(&r, off, len)?;
+                } else if len > 0 {
+                    iov.push(libc::iovec {
+                        iov_base: addr as usize as *mut libc::c_void,
+                        iov_len: len,
+                    });
+                }
+            }
+            zero_fill(zero, &mut iov)?;
+        }
+        Ok(())
+    }
+
+    fn copy_to_user_segs(&mut self, segs: &[(u64, &[u8])]) -> Result<()> {
+        let mut cache = None;
+        for batch in segs.chunks(IOV_MAX) {
+            let mut total = 0;
+            let mut local = Vec::with_capacity(batch.len());
+            let mut remote = Vec::with_capacity(batch.len());
+            for &(addr, buf) in batch {
+                if buf.is_empty() {
+                    continue;
+                }
+                check_range(addr, buf.len())?;
+                if let Some((r, off)) = owned_region(&mut cache, addr, buf.len()) {
+                    r.write(off, buf)?;
+                    continue;
+                }
+                total += buf.len();
+                local.push(IoSlice::new(buf));
+                remote.push(RemoteIoVec {
+                    base: addr as usize,
+                    len: buf.len(),
+                });
+            }
+            if total == 0 {
+                continue;
+            }
+            match process_vm_writev(Pid::this(), &local, &remote) {
+                Ok(n) if n == total => {}
+                _ => return Err(Errno::EFAULT),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -140,6 +329,33 @@ impl UserAccess for UserBuf<'_> {
             Place::Outside => ProcessVm.copy_to_user(addr, buf),
         }
     }
+
+    fn clear_user(&mut self, ranges: &[(u64, usize)]) -> Result<()> {
+        if ranges
+            .iter()
+            .all(|&(a, l)| matches!(self.place(a, l), Place::Outside))
+        {
+            return ProcessVm.clear_user(ranges);
+        }
+        for &(addr, len) in ranges {
+            match self.place(addr, len) {
+                Place::Inside(off) => self.data[off..off + len].fill(0),
+                Place::Straddles => return Err(Errno::EFAULT),
+                Place::Outside => ProcessVm.clear_user(&[(addr, len)])?,
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_to_user_segs(&mut self, segs: &[(u64, &[u8])]) -> Result<()> {
+        if segs
+            .iter()
+            .all(|&(a, b)| matches!(self.place(a, b.len()), Place::Outside))
+        {
+            return ProcessVm.copy_to_user_segs(segs);
+        }
+        segs.iter().try_for_each(|&(a, b)| self.copy_to_user(a, b))
+    }
 }
 
 #[cfg(test)]
@@ -196,5 +412,81 @@ mod tests {
         assert_eq!(ub.copy_from_user(0x100e, &mut got), Err(Errno::EFAULT));
         assert_eq!(ub.copy_to_user(0x100e, &[7; 4]), Err(Errno::EFAULT));
         assert_eq!(ub.data[14..], [0, 0]);
+    }
+
+    #[test]
+    fn core_owned_memory_is_copied_directly() {
+        let r = HostRegion::new(3 * 4096).unwrap();
+        let a = r.addr();
+        r.write(0, &[0xff; 3 * 4096]).unwrap();
+        ProcessVm.copy_to_user(a + 10, &[1, 2, 3]).unwrap();
+        ProcessVm
+            .clear_user(&[(a + 100, 5000), (a + 3 * 4096 - 1, 1)])
+            .unwrap();
+        ProcessVm
+            .copy_to_user_segs(&[(a + 200, &[4]), (a + 3 * 4096 - 2, &[5])])
+            .unwrap();
+        let mut b = vec![0u8; 3 * 4096];
+        ProcessVm.copy_from_user(a, &mut b).unwrap();
+        assert_eq!(b[10..13], [1, 2, 3]);
+        assert_eq!(b[99], 0xff);
+        assert!(b[100..5100]
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| x == u8::from(i == 100) * 4));
+        assert_eq!(b[5100], 0xff);
+        assert_eq!(b[3 * 4096 - 2..], [5, 0]);
+        // Running past the region's end is not the region's: the process's view
+        // decides (here the page after it is not mapped by us, or is someone else's).
+        assert!(HostRegion::lookup(a + 3 * 4096 - 1, 2).is_none());
+    }
+
+    #[test]
+    fn clear_and_scatter() {
+        let mut target = vec![0xffu8; 10000];
+        let a = target.as_mut_ptr() as u64;
+        ProcessVm
+            .clear_user(&[(a + 1, 4096), (a + 5000, 3), (a + 9999, 0)])
+            .unwrap();
+        assert_eq!(target[0], 0xff);
+        assert!(target[1..4097].iter().all(|&x| x == 0));
+        assert_eq!(target[4097], 0xff);
+        assert_eq!(target[5000..5004], [0, 0, 0, 0xff]);
+        ProcessVm
+            .copy_to_user_segs(&[(a, &[1, 2]), (a + 9998, &[3, 4])])
+            .unwrap();
+        assert_eq!(target[..3], [1, 2, 0]);
+        assert_eq!(target[9998..], [3, 4]);
+        // Many ranges: more than one readv batch.
+        let ranges: Vec<(u64, usize)> = (0..3000).map(|i| (a + 3 * i, 2)).collect();
+        ProcessVm.clear_user(&ranges).unwrap();
+        assert!(target[..9000]
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| x == 0 || i % 3 == 2));
+        for bad in [0u64, 0x10, TASK_SIZE_MAX - 2, u64::MAX - 1] {
+            assert_eq!(ProcessVm.clear_user(&[(bad, 4)]), Err(Errno::EFAULT));
+            assert_eq!(
+                ProcessVm.copy_to_user_segs(&[(a, &[9]), (bad, &[1, 2, 3, 4])]),
+                Err(Errno::EFAULT)
+            );
+        }
+        // Read-only memory faults.
+        static RO: [u8; 64] = [7; 64];
+        assert_eq!(
+            ProcessVm.clear_user(&[(RO.as_ptr() as u64, 64)]),
+            Err(Errno::EFAULT)
+        );
+        assert!(RO.iter().all(|&x| x == 7));
+        // A window: inside is the copy, outside the process.
+        let mut data = vec![5u8; 16];
+        let mut ub = UserBuf {
+            base: 0x1000,
+            data: &mut data,
+        };
+        ub.clear_user(&[(0x1004, 4), (a + 100, 2)]).unwrap();
+        assert_eq!(ub.data[3..9], [5, 0, 0, 0, 0, 5]);
+        assert_eq!(ub.clear_user(&[(0x100e, 4)]), Err(Errno::EFAULT));
+        assert_eq!(target[100..102], [0, 0]);
     }
 }

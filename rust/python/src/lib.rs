@@ -12,7 +12,7 @@ use kvmmmu_core::uapi;
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyBufferError, PyOSError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyInt};
 
 use memory::{GuestMemory, MemoryPin};
 use vcpu_mmu::VcpuMmu;
@@ -76,12 +76,13 @@ impl SimKvm {
                 .detach(|| self.inner.ioctl(fd, request, 0, &mut ProcessVm))
                 .py_err();
         };
-        if let Ok(v) = arg.extract::<i64>() {
-            return py
-                .detach(|| self.inner.ioctl(fd, request, v as u64, &mut ProcessVm))
-                .py_err();
-        }
-        if let Ok(v) = arg.extract::<u64>() {
+        // An int is tested for first: a failed extract builds an exception, which
+        // costs more than the rest of a short ioctl.
+        if arg.is_instance_of::<PyInt>() {
+            let v = match arg.extract::<i64>() {
+                Ok(v) => v as u64,
+                Err(_) => arg.extract::<u64>()?,
+            };
             return py
                 .detach(|| self.inner.ioctl(fd, request, v, &mut ProcessVm))
                 .py_err();
@@ -93,20 +94,29 @@ impl SimKvm {
         // As fcntl.ioctl does, the argument is copied into a buffer of at least 1024
         // bytes, so a request whose struct is larger than the Python buffer writes into
         // the copy, never past the end of the caller's object; only the caller's length
-        // is copied back.
+        // is copied back. Up to 1024 bytes the copy lives on the stack.
         let len = buf.len_bytes();
-        let mut data = buf.to_vec(py)?;
-        data.resize(len.max(IOCTL_ARG_COPY), 0);
+        let mut small = [0u8; IOCTL_ARG_COPY];
+        let mut large = Vec::new();
+        let data: &mut [u8] = if len <= IOCTL_ARG_COPY {
+            buf.copy_to_slice(py, &mut small[..len])?;
+            &mut small
+        } else {
+            large = buf.to_vec(py)?;
+            &mut large
+        };
         let base = buf.buf_ptr() as u64;
         let r = py.detach(|| {
-            let mut ua = UserBuf {
-                base,
-                data: &mut data,
-            };
+            let mut ua = UserBuf { base, data };
             self.inner.ioctl(fd, request, base, &mut ua)
         });
         if !buf.readonly() {
-            buf.copy_from_slice(py, &data[..len])?;
+            let out = if len <= IOCTL_ARG_COPY {
+                &small[..len]
+            } else {
+                &large[..len]
+            };
+            buf.copy_from_slice(py, out)?;
         }
         r.py_err()
     }
