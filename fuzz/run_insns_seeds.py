@@ -65,10 +65,12 @@ def seed(
     code(a)
     body = a.assemble()
     assert len(body) < 256, len(body)
-    header = struct.pack("<BBHBBBB8Q", mode, flags, budget, len(body), 0, flags2, 0, *regs)
+    # Byte 7 bit 0: also run on the other MMU and compare (the differential check).
+    header = struct.pack("<BBHBBBB8Q", mode, flags, budget, len(body), 0, flags2, 1, *regs)
     r = random.Random(rng)
     # Zeros first (no gpte edits, no extra mappings, no host event for the first
-    # runs), then random bytes for later events and read data.
+    # runs), then random bytes for later events and read data (none: no host event,
+    # so the differential check runs).
     return header + body + bytes(quiet) + bytes(r.randrange(256) for _ in range(tail))
 
 
@@ -152,11 +154,11 @@ def pm32_string(a: Asm) -> None:
 
 
 SEEDS = {
-    "long4-mmio-io-string": seed(LONG4, long_mmio, flags=IF, flags2=0, regs=(7,) * 8, rng=1),
+    "long4-mmio-io-string": seed(LONG4, long_mmio, flags=IF, regs=(7,) * 8, tail=0),
     "long4-user-tdp-gp": seed(LONG4_U, long_user, flags=TDP | LOG0, rng=2),
     "real-ivt-de": seed(REAL, real_mode, rng=3),
-    "pg32-invlpg-pf": seed(PG32, pg32, flags=LARGE | TRAP, rng=4),
-    "pae-user-msr": seed(PAE_U, pae_user, flags=TDP | DPL3, flags2=IOMAP, rng=5),
+    "pg32-invlpg-pf": seed(PG32, pg32, flags=LARGE | TRAP, tail=0),
+    "pae-user-msr": seed(PAE_U, pae_user, flags=TDP | DPL3, flags2=IOMAP, tail=0),
     "long5-wp-noncanonical": seed(LONG5, long5, flags=LOG0, flags2=STEP | FEATURES, rng=6),
     "pm32-string-io": seed(PM32, pm32_string, flags=TF, flags2=DF | IOPL3, rng=7),
 }

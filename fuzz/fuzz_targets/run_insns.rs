@@ -9,7 +9,8 @@
 //!   gates, RFLAGS.TF/IF/AC, slot 0 logging from the start), the instruction budget,
 //!   the code length, the stack pointer, more flags (CR0.WP off, EFER.NXE off, an I/O
 //!   bitmap, single-step from the start, IOPL 3, DF, SMEP/SMAP/UMIP/FSGSBASE/PCID in
-//!   the guest's CPUID) and eight registers;
+//!   the guest's CPUID), whether to run the differential check (below) and eight
+//!   registers;
 //! - the code (up to 255 bytes) at CODE, where RIP starts;
 //! - the tail: up to 8 gpte edits (flag bits flipped in an entry at any level of the
 //!   identity map), up to 4 extra mappings (a random gva to a page of a slot, the
@@ -52,7 +53,20 @@
 //!   of a logging slot whose bytes changed since the last harvest (host writes of a
 //!   discard excepted) and no bit past the slot's end.
 //!
-//! `RUN_FUZZ_VERBOSE=1` prints the setup and every exit.
+//!
+//! Differential check (header byte 7, bit 0): the same input runs again on the
+//! other MMU (TDP for shadow, shadow for TDP) and every KVM_RUN must return the
+//! same result, exit reason, registers, sregs and exit union, and guest memory must
+//! end the same (the A and D bits of the table area aside: shadow paging sets them
+//! at faults, TDP at every walk). Only inputs that give the MMUs no room to differ
+//! are compared: no discard or invalidation event, and CR0.PG/WP, CR3, CR4, EFER
+//! and the table area (but for A/D bits) as set up, since after a guest write to
+//! its tables either MMU may use a stale translation until a flush, as a TLB may
+//! (the shadow MMU's emulated write drops it at once, TDP keeps the decoded code
+//! page until the end of a batch).
+//!
+//! `RUN_FUZZ_VERBOSE=1` prints the setup, every exit and whether the differential
+//! check ran.
 
 #![no_main]
 
@@ -294,6 +308,13 @@ struct Fuzz {
     log0: bool,
     snap: [Option<Vec<u8>>; 3],
     inval_depth: u32,
+    /// For the differential run: what each KVM_RUN returned (result, exit reason,
+    /// registers, sregs, exit union), and whether the input stays comparable
+    /// between the MMUs (no discard or invalidation; CR0.PG/WP, CR3, CR4 and EFER
+    /// as set up and the table area unchanged but for A/D bits, so that no stale
+    /// translation can differ: either MMU may use one, as a TLB may).
+    trace: Vec<String>,
+    comparable: bool,
     /// Instructions per KVM_RUN (the simulator's budget counts whole batches, so it
     /// is set again before each run).
     budget: u64,
@@ -465,6 +486,8 @@ impl Fuzz {
             log0: s.log0,
             snap: [None, None, None],
             inval_depth: 0,
+            trace: Vec::new(),
+            comparable: true,
             budget: 0,
             verbose: std::env::var_os("RUN_FUZZ_VERBOSE").is_some(),
             stats: [0; 4],
@@ -841,6 +864,7 @@ impl Fuzz {
                 }
             }
             Event::Discard(p, n) => {
+                self.comparable = false;
                 let (hva, gpa, n) = self.host_range(p, n);
                 if !self.tdp {
                     let st = self.vm.state();
@@ -874,6 +898,7 @@ impl Fuzz {
                 self.vm.host_age(hva, n * PAGE, how & 1 != 0, how & 2 != 0);
             }
             Event::InvalStart(p, n) => {
+                self.comparable = false;
                 if self.inval_depth < 2 {
                     let (hva, _, n) = self.host_range(p, n);
                     self.vm.host_invalidate_start(hva, n * PAGE);
@@ -1109,6 +1134,9 @@ impl Fuzz {
     fn run(&mut self, u: &mut Unstructured) {
         // Whether the last exit is one KVM completes on the next KVM_RUN.
         let mut pending = false;
+        let s0 = self.vcpu.get_sregs();
+        let tables0 = self.table_area();
+        let paging = |s: &uapi::kvm_sregs| (s.cr0 & (CR0_PG | CR0_WP), s.cr3, s.cr4, s.efer);
         for i in 0..MAX_RUNS {
             let ev: Event = if u.is_empty() {
                 Event::None
@@ -1138,6 +1166,15 @@ impl Fuzz {
             }
             pending = r == Ok(0) && matches!(reason, KVM_EXIT_MMIO | KVM_EXIT_IO);
             self.stats[2] += 1;
+            let sr = self.vcpu.get_sregs();
+            if paging(&sr) != paging(&s0) || self.comparable && self.table_area() != tables0 {
+                self.comparable = false;
+            }
+            self.trace.push(format!(
+                "run {i}: {r:?} exit {reason} {:x?} {sr:x?} {:02x?}",
+                self.vcpu.get_regs(),
+                self.run_bytes(run_off::EXIT_UNION, 32)
+            ));
             self.log(format_args!(
                 "run {i}: {ev:?} -> {r:?} exit {reason} rip {:#x}",
                 self.vcpu.get_regs().rip
@@ -1177,18 +1214,25 @@ impl Fuzz {
     }
 }
 
-fuzz_target!(|data: &[u8]| {
-    let mut h = [0u8; HEADER];
-    let n = data.len().min(HEADER);
-    h[..n].copy_from_slice(&data[..n]);
-    let rest = &data[n..];
-    let code_len = usize::from(h[4]).min(rest.len());
-    let (code, tail) = rest.split_at(code_len);
-    let s = Setup::decode(&h);
+impl Fuzz {
+    /// The table area with the A and D bits masked (shadow paging sets them at
+    /// faults, TDP at every walk).
+    fn table_area(&self) -> Vec<u8> {
+        let mut m = vec![0u8; (TABLES_END - TABLES) as usize];
+        self.host
+            .read(Self::off(TABLES), &mut m)
+            .expect("table area");
+        for e in m.iter_mut().step_by(4) {
+            *e &= !0x60;
+        }
+        m
+    }
+}
+
+/// One execution of an input; None if the guest could not be built.
+fn execute(s: &Setup, code: &[u8], tail: &[u8]) -> Option<Fuzz> {
     let mut u = Unstructured::new(tail);
-    let Some(mut f) = Fuzz::new(&s, &mut u, code) else {
-        return;
-    };
+    let mut f = Fuzz::new(s, &mut u, code)?;
     f.log(format_args!(
         "mode {:?} cpl {} tdp {} budget {} code {code:02x?}",
         s.mode, s.cpl, s.tdp, s.budget
@@ -1199,4 +1243,66 @@ fuzz_target!(|data: &[u8]| {
         "stats [harvests, reported, runs, EAGAIN] {:?}",
         f.stats
     ));
+    Some(f)
+}
+
+/// Guest memory as the differential run compares it: slot 0 with the A and D bits
+/// of the table area masked (shadow paging sets them at faults, TDP at every walk),
+/// and the log slot.
+fn comparable_memory(f: &Fuzz) -> Vec<u8> {
+    let mut m = f.slot_bytes(0);
+    m[TABLES as usize..TABLES_END as usize].copy_from_slice(&f.table_area());
+    m.extend(f.slot_bytes(2));
+    m
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut h = [0u8; HEADER];
+    let n = data.len().min(HEADER);
+    h[..n].copy_from_slice(&data[..n]);
+    let rest = &data[n..];
+    let code_len = usize::from(h[4]).min(rest.len());
+    let (code, tail) = rest.split_at(code_len);
+    let mut s = Setup::decode(&h);
+    let Some(a) = execute(&s, code, tail) else {
+        return;
+    };
+    if std::env::var_os("RUN_FUZZ_VERBOSE").is_some() {
+        eprintln!("differential: {} comparable: {}", h[7] & 1, a.comparable);
+    }
+    if h[7] & 1 == 0 || !a.comparable {
+        return;
+    }
+    // Differential: the same input on the other MMU gives the same runs and memory.
+    s.tdp = !s.tdp;
+    let Some(b) = execute(&s, code, tail) else {
+        return;
+    };
+    if !b.comparable {
+        return;
+    }
+    for (x, y) in a.trace.iter().zip(&b.trace) {
+        assert!(
+            x == y,
+            "run_insns ({:?}): tdp={} and tdp={} differ:\n{x}\n{y}",
+            s.mode,
+            a.tdp,
+            b.tdp
+        );
+    }
+    assert_eq!(
+        a.trace.len(),
+        b.trace.len(),
+        "runs with tdp={} and tdp={}",
+        a.tdp,
+        b.tdp
+    );
+    let (ma, mb) = (comparable_memory(&a), comparable_memory(&b));
+    if ma != mb {
+        let i = ma.iter().zip(&mb).position(|(x, y)| x != y).unwrap_or(0);
+        panic!(
+            "run_insns ({:?}): memory differs between tdp={} and tdp={} at offset {i:#x} of slot 0 + log slot: {:#x} vs {:#x}",
+            s.mode, a.tdp, b.tdp, ma[i], mb[i]
+        );
+    }
 });
