@@ -1104,8 +1104,11 @@ impl Mmu {
         };
         // pte_list_add's count: the entries before this one.
         let count = meta.rmap.add(gfn, level, sptep) - 1;
-        self.stats
-            .max(VmStat::MaxMmuRmapSize as usize, count as u64);
+        // A first mapping (the common case) cannot raise the maximum.
+        if count > 0 {
+            self.stats
+                .max(VmStat::MaxMmuRmapSize as usize, count as u64);
+        }
         if count > RMAP_RECYCLE_THRESHOLD {
             // kvm_zap_all_rmap_sptes, the new SPTE included: the guest refaults.
             for p in meta.rmap.take(gfn, level) {
