@@ -359,26 +359,45 @@ fn copy_bitmap_out(
     })
 }
 
-/// Write a live bitmap (manual protect's GET) to user memory at `addr`: every chunk
-/// whose summary marks a word is copied whole (a chunk is one 4 KiB tile, and a
-/// bulk copy beats visiting its words one by one), the rest is zeroed.
+/// Write a live bitmap (manual protect's GET) to user memory at `addr`: the chunks
+/// whose summary marks no word are zeroed; the others are staged whole (a chunk is
+/// one 4 KiB tile), by their marked words alone when few are marked (a cold chunk's
+/// other cache lines are never read) and by a bulk copy otherwise.
 fn copy_live_bitmap_out(
     ua: &mut dyn crate::uaccess::UserAccess,
     addr: u64,
     bitmap: &DirtyBitmap,
 ) -> crate::errno::Result<()> {
+    /// Marked words above which a chunk is copied whole.
+    const BULK_MARKED: u32 = 128;
     let nwords = bitmap.nwords();
     with_copy_out(ua, addr, nwords, |out| {
         for (c, slot) in bitmap.chunks.iter().enumerate() {
             let Some(chunk) = slot.get() else { continue };
-            if chunk.summary.iter().all(|s| s.load(Ordering::Acquire) == 0) {
+            let summary: [u64; CHUNK_WORDS / 64] =
+                std::array::from_fn(|i| chunk.summary[i].load(Ordering::Acquire));
+            let marked: u32 = summary.iter().map(|s| s.count_ones()).sum();
+            if marked == 0 {
                 continue;
             }
             let start = (c * CHUNK_WORDS) as u64;
             let end = (start + CHUNK_WORDS as u64).min(nwords);
             let i = out.stage(start, end)?;
-            for (d, w) in out.stage[i..].iter_mut().zip(chunk.words.iter()) {
-                *d = w.load(Ordering::Acquire);
+            let dst = &mut out.stage[i..];
+            if marked > BULK_MARKED {
+                for (d, w) in dst.iter_mut().zip(chunk.words.iter()) {
+                    *d = w.load(Ordering::Acquire);
+                }
+                continue;
+            }
+            for (k, mut bits) in summary.into_iter().enumerate() {
+                while bits != 0 {
+                    let w = k * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    if let Some(d) = dst.get_mut(w) {
+                        *d = chunk.words[w].load(Ordering::Acquire);
+                    }
+                }
             }
         }
         Ok(())
