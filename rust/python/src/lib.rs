@@ -83,9 +83,15 @@ impl SimKvm {
                 Ok(v) => v as u64,
                 Err(_) => arg.extract::<u64>()?,
             };
-            return py
-                .detach(|| self.inner.ioctl(fd, request, v, &mut ProcessVm))
-                .py_err();
+            let r = py.detach(|| self.inner.ioctl(fd, request, v, &mut ProcessVm));
+            if request == uapi::KVM_RUN {
+                // A Python signal handler that raised while KVM_RUN ran (Ctrl-C's
+                // KeyboardInterrupt) stopped it with EINTR: raise the handler's error.
+                if let Some(e) = PyErr::take(py) {
+                    return Err(e);
+                }
+            }
+            return r.py_err();
         }
         let buf = PyBuffer::<u8>::get(arg)?;
         if !buf.is_c_contiguous() {
@@ -208,8 +214,48 @@ fn mmio_caching() -> bool {
     kvmmmu_core::mmu::fault::slots_mmio_caching()
 }
 
+/// The simulator's KVM_RUN asks this between instruction batches: on the main thread,
+/// at most every 20 ms, run Python's pending signal handlers, as a signal interrupts a
+/// device KVM_RUN. A handler that raised leaves its error set for the ioctl wrapper;
+/// other threads never take the GIL here.
+fn python_signal_pending() -> bool {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    if MAIN_THREAD.get() != Some(&std::thread::current().id()) {
+        return false;
+    }
+    let now = Instant::now();
+    if LAST
+        .with(|l| l.get())
+        .is_some_and(|t| now.duration_since(t) < Duration::from_millis(20))
+    {
+        return false;
+    }
+    LAST.with(|l| l.set(Some(now)));
+    Python::attach(|py| match py.check_signals() {
+        Ok(()) => false,
+        Err(e) => {
+            e.restore(py);
+            true
+        }
+    })
+}
+
+static MAIN_THREAD: std::sync::OnceLock<std::thread::ThreadId> = std::sync::OnceLock::new();
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Python runs signal handlers on its main thread; the module is imported there
+    // (if a program imports it first from another thread, no check is installed).
+    let threading = m.py().import("threading")?;
+    let main = threading.call_method0("main_thread")?;
+    if main.is(&threading.call_method0("current_thread")?) {
+        let _ = MAIN_THREAD.set(std::thread::current().id());
+        kvmmmu_core::vcpu::run::set_signal_check(python_signal_pending);
+    }
     m.add_class::<SimKvm>()?;
     m.add_class::<GuestMemory>()?;
     m.add_class::<MemoryPin>()?;

@@ -16,6 +16,7 @@
 //! gives ENOSPC with exit_reason 0; the exit union is not cleared between exits.
 
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 
 use super::emulate::{
     Cpu, EmuState, Exit, GuestDebug, PendingRead, RunStop, KVM_GUESTDBG_ENABLE,
@@ -26,6 +27,17 @@ use crate::errno::{Errno, Result};
 use crate::stats::VcpuStat;
 use crate::uaccess::UserAccess;
 use crate::uapi::{self, run_off};
+
+/// Whether the thread running KVM_RUN has a signal to handle: on the device a signal
+/// interrupts KVM_RUN with EINTR. The embedder (the Python bindings, which check
+/// Python's pending signals such as Ctrl-C) installs it once; it is asked between
+/// batches.
+static SIGNAL_PENDING: OnceLock<fn() -> bool> = OnceLock::new();
+
+/// Install the signal check (first call wins).
+pub fn set_signal_check(pending: fn() -> bool) {
+    let _ = SIGNAL_PENDING.set(pending);
+}
 
 /// Instructions per lock hold: another thread can harvest dirty logs, run another
 /// vCPU or kick between batches.
@@ -69,7 +81,9 @@ impl Vcpu {
     }
 
     fn interrupted(&self) -> bool {
-        self.kick.swap(false, Ordering::SeqCst) || self.run_u8(run_off::IMMEDIATE_EXIT) != 0
+        self.kick.swap(false, Ordering::SeqCst)
+            || self.run_u8(run_off::IMMEDIATE_EXIT) != 0
+            || SIGNAL_PENDING.get().is_some_and(|pending| pending())
     }
 
     /// KVM_RUN.
