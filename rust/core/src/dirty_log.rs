@@ -295,6 +295,44 @@ impl CopyOut<'_> {
     }
 }
 
+/// Marked words above which a chunk is copied whole.
+const BULK_MARKED: u32 = 128;
+/// Words per block of a direct copy-out (64 KiB: 16 chunks).
+const DIRECT_BLOCK_WORDS: usize = 16 * CHUNK_WORDS;
+/// Zeros to clear a block of core-owned memory with (an untouched .bss page).
+static ZERO_BLOCK: [u8; 8 * DIRECT_BLOCK_WORDS] = [0; 8 * DIRECT_BLOCK_WORDS];
+
+/// The copy-out into core-owned memory (the user's bitmap in a GuestMemory): block
+/// by block, zero the block, then `fill(first word, the block's words)` stores the
+/// non-zero words while the block is in cache; no staging, no system call.
+fn copy_out_direct(
+    region: &crate::hostmem::HostRegion,
+    off: usize,
+    nwords: u64,
+    mut fill: impl FnMut(u64, &[AtomicU64]),
+) -> crate::errno::Result<()> {
+    let mut first = 0u64;
+    while first < nwords {
+        let n = ((nwords - first) as usize).min(DIRECT_BLOCK_WORDS);
+        let at = off + 8 * first as usize;
+        region.write(at, &ZERO_BLOCK[..8 * n])?;
+        fill(first, region.atomic_u64s(at, n)?);
+        first += n as u64;
+    }
+    Ok(())
+}
+
+/// The user's bitmap at `addr` as core-owned memory the copy-out may write directly.
+fn direct_target(
+    ua: &mut dyn crate::uaccess::UserAccess,
+    addr: u64,
+    nwords: u64,
+) -> Option<(std::sync::Arc<crate::hostmem::HostRegion>, usize)> {
+    (addr % 8 == 0)
+        .then(|| ua.owned_region(addr, 8 * nwords as usize))
+        .flatten()
+}
+
 /// Run `f` on a CopyOut of an `nwords`-word image at `addr`, after access_ok.
 fn with_copy_out(
     ua: &mut dyn crate::uaccess::UserAccess,
@@ -338,6 +376,18 @@ fn copy_bitmap_out(
     nwords: u64,
     words: impl IntoIterator<Item = (u64, u64)>,
 ) -> crate::errno::Result<()> {
+    if let Some((r, off)) = direct_target(ua, addr, nwords) {
+        let mut it = words.into_iter().peekable();
+        return copy_out_direct(&r, off, nwords, |first, dst| {
+            while let Some(&(w, v)) = it.peek() {
+                let Some(d) = w.checked_sub(first).and_then(|i| dst.get(i as usize)) else {
+                    break;
+                };
+                d.store(v, Ordering::Relaxed);
+                it.next();
+            }
+        });
+    }
     // Tiles follow the user's pages, so a written tile pins one page.
     let skew = (addr % 4096) / 8;
     with_copy_out(ua, addr, nwords, |out| {
@@ -368,9 +418,35 @@ fn copy_live_bitmap_out(
     addr: u64,
     bitmap: &DirtyBitmap,
 ) -> crate::errno::Result<()> {
-    /// Marked words above which a chunk is copied whole.
-    const BULK_MARKED: u32 = 128;
     let nwords = bitmap.nwords();
+    if let Some((r, off)) = direct_target(ua, addr, nwords) {
+        return copy_out_direct(&r, off, nwords, |first, dst| {
+            let c0 = first as usize / CHUNK_WORDS;
+            for (k, d) in dst.chunks(CHUNK_WORDS).enumerate() {
+                let Some(chunk) = bitmap.chunks.get(c0 + k).and_then(OnceLock::get) else {
+                    continue;
+                };
+                let summary: [u64; CHUNK_WORDS / 64] =
+                    std::array::from_fn(|i| chunk.summary[i].load(Ordering::Acquire));
+                let marked: u32 = summary.iter().map(|s| s.count_ones()).sum();
+                if marked > BULK_MARKED {
+                    for (d, w) in d.iter().zip(chunk.words.iter()) {
+                        d.store(w.load(Ordering::Acquire), Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                for (j, mut bits) in summary.into_iter().enumerate() {
+                    while bits != 0 {
+                        let w = j * 64 + bits.trailing_zeros() as usize;
+                        bits &= bits - 1;
+                        if let Some(d) = d.get(w) {
+                            d.store(chunk.words[w].load(Ordering::Acquire), Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        });
+    }
     with_copy_out(ua, addr, nwords, |out| {
         for (c, slot) in bitmap.chunks.iter().enumerate() {
             let Some(chunk) = slot.get() else { continue };
@@ -615,6 +691,20 @@ mod tests {
         assert_eq!(b.word(1), (1 << 6) - 1 - 0b11);
     }
 
+    fn region_with(nwords: usize, byte: u8) -> std::sync::Arc<crate::hostmem::HostRegion> {
+        let r = crate::hostmem::HostRegion::new(8 * nwords as u64).unwrap();
+        r.write(0, &vec![byte; 8 * nwords]).unwrap();
+        r
+    }
+
+    fn region_words(r: &crate::hostmem::HostRegion, first: usize, n: u64) -> Vec<u64> {
+        let mut b = vec![0u8; 8 * n as usize];
+        r.read(8 * first, &mut b).unwrap();
+        b.chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
     /// The image copy_bitmap_out must leave: the words where given, zeros elsewhere.
     fn image(nwords: u64, words: &[(u64, u64)]) -> Vec<u64> {
         let mut v = vec![0u64; nwords as usize];
@@ -655,6 +745,14 @@ mod tests {
                     "{nwords} {ndirty} {skew}"
                 );
                 assert!(user[..skew].iter().all(|&x| x == 0xa5a5_a5a5_a5a5_a5a5));
+                // Core-owned memory: the direct path.
+                let r = region_with(nwords as usize + skew, 0xa5);
+                let addr = r.addr() + 8 * skew as u64;
+                copy_bitmap_out(&mut ProcessVm, addr, nwords, words.iter().copied()).unwrap();
+                assert!(region_words(&r, skew, nwords) == image(nwords, &words));
+                assert!(region_words(&r, 0, skew as u64)
+                    .iter()
+                    .all(|&x| x == 0xa5a5_a5a5_a5a5_a5a5));
             }
         }
     }
@@ -706,6 +804,15 @@ mod tests {
                 let addr = user[skew..].as_mut_ptr() as u64;
                 copy_live_bitmap_out(&mut ProcessVm, addr, &b).unwrap();
                 assert!(user[skew..] == image(nwords, &words)[..], "{npages} {skew}");
+                let r = region_with(nwords as usize + skew, 0xff);
+                copy_live_bitmap_out(&mut ProcessVm, r.addr() + 8 * skew as u64, &b).unwrap();
+                assert!(
+                    region_words(&r, skew, nwords) == image(nwords, &words),
+                    "{npages}"
+                );
+                assert!(region_words(&r, 0, skew as u64)
+                    .iter()
+                    .all(|&x| x == u64::MAX));
             }
         }
     }

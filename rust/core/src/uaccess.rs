@@ -40,6 +40,13 @@ pub trait UserAccess {
         Ok(())
     }
 
+    /// The core-owned memory (a registered HostRegion) that holds all of
+    /// `[addr, addr + len)`, with the offset of `addr` in it, when the access may
+    /// write it directly (no window of this accessor overlaps it).
+    fn owned_region(&mut self, _addr: u64, _len: usize) -> Option<(Arc<HostRegion>, usize)> {
+        None
+    }
+
     /// copy_to_user of every `(addr, bytes)` segment, in order.
     fn copy_to_user_segs(&mut self, segs: &[(u64, &[u8])]) -> Result<()> {
         for &(addr, buf) in segs {
@@ -207,6 +214,11 @@ impl UserAccess for ProcessVm {
         }
     }
 
+    fn owned_region(&mut self, addr: u64, len: usize) -> Option<(Arc<HostRegion>, usize)> {
+        check_range(addr, len).ok()?;
+        owned_region(&mut None, addr, len)
+    }
+
     fn clear_user(&mut self, ranges: &[(u64, usize)]) -> Result<()> {
         let Some(zero) = dev_zero() else {
             return ranges.iter().try_for_each(|&(addr, len)| {
@@ -347,6 +359,15 @@ impl UserAccess for UserBuf<'_> {
         Ok(())
     }
 
+    fn owned_region(&mut self, addr: u64, len: usize) -> Option<(Arc<HostRegion>, usize)> {
+        let end = addr.checked_add(len as u64)?;
+        let overlaps = addr < self.base + self.data.len() as u64 && end > self.base;
+        if overlaps {
+            return None;
+        }
+        ProcessVm.owned_region(addr, len)
+    }
+
     fn copy_to_user_segs(&mut self, segs: &[(u64, &[u8])]) -> Result<()> {
         if segs
             .iter()
@@ -436,6 +457,16 @@ mod tests {
             .all(|(i, &x)| x == u8::from(i == 100) * 4));
         assert_eq!(b[5100], 0xff);
         assert_eq!(b[3 * 4096 - 2..], [5, 0]);
+        assert_eq!(ProcessVm.owned_region(a + 8, 16).map(|(_, o)| o), Some(8));
+        assert!(ProcessVm.owned_region(a + 8, 3 * 4096).is_none());
+        // A window over part of it: the copy, not the region, is the user's memory.
+        let mut data = vec![0u8; 16];
+        let mut ub = UserBuf {
+            base: a + 64,
+            data: &mut data,
+        };
+        assert!(ub.owned_region(a, 4096).is_none());
+        assert!(ub.owned_region(a, 64).is_some());
         // Running past the region's end is not the region's: the process's view
         // decides (here the page after it is not mapped by us, or is someone else's).
         assert!(HostRegion::lookup(a + 3 * 4096 - 1, 2).is_none());
