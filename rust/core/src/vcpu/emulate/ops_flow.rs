@@ -252,6 +252,16 @@ impl Cpu<'_> {
         self.far_jump(sel, off, call, osize)
     }
 
+    /// Push a far CALL's return CS:IP; on a fault the stack pointer is as before.
+    fn push_far_return(&mut self, cs: u64, ip: u64, size: u32) -> R<()> {
+        let sp0 = self.gpr[4];
+        let r = self.push(cs, size).and_then(|_| self.push(ip, size));
+        if r.is_err() {
+            self.gpr[4] = sp0;
+        }
+        r
+    }
+
     /// A far JMP or CALL to a code segment at the current privilege (call gates and
     /// task switches are not modelled: emulation failure).
     fn far_jump(&mut self, sel: u16, off: u64, call: bool, size: u32) -> R<()> {
@@ -262,14 +272,7 @@ impl Cpu<'_> {
                 return Err(gp0());
             }
             if call {
-                let sp0 = self.gpr[4];
-                let r = self
-                    .push(ret_cs, size)
-                    .and_then(|_| self.push(ret_ip, size));
-                if r.is_err() {
-                    self.gpr[4] = sp0;
-                    return r;
-                }
+                self.push_far_return(ret_cs, ret_ip, size)?;
             }
             let old = self.st.sregs.cs;
             self.st.sregs.cs = real_segment(&old, sel);
@@ -290,14 +293,7 @@ impl Cpu<'_> {
             return Err(gp0());
         }
         if call {
-            let sp0 = self.gpr[4];
-            let r = self
-                .push(ret_cs, size)
-                .and_then(|_| self.push(ret_ip, size));
-            if r.is_err() {
-                self.gpr[4] = sp0;
-                return r;
-            }
+            self.push_far_return(ret_cs, ret_ip, size)?;
         }
         self.set_cs(sel, &d, cpl)?;
         self.next_rip = off;
