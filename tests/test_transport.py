@@ -138,8 +138,10 @@ def test_sim_mmap_of_system_or_vm_fd_is_refused() -> None:
 def test_kvm_run_is_shared_with_the_core(kvm: kvmmmu.Kvm) -> None:
     vm = kvm.create_vm()
     vcpu = vm.create_vcpu(0)
-    assert ctypes.sizeof(vcpu.run) == 2352
-    vcpu.run.immediate_exit = 1
+    assert ctypes.sizeof(vcpu.kvm_run) == 2352
+    # ``vcpu.run`` not called is the same struct, for older code
+    assert vcpu.run is vcpu.kvm_run
+    vcpu.kvm_run.immediate_exit = 1
     # a second mapping of the same vCPU file sees the same page
     other = kvm.transport.mmap(vcpu.fd, kvm.get_vcpu_mmap_size())
     assert uapi.kvm_run.from_buffer(other).immediate_exit == 1

@@ -96,8 +96,8 @@ def tour(kvm: Kvm, list_caps: bool = True) -> None:
             _try("SET_SREGS with EFER.LMA but no CR4.PAE", lambda: vcpu.set_sregs(bad))
             _try("KVM_GET_REGS with a NULL pointer", lambda: vcpu.ioctl(uapi.KVM_GET_REGS, 0))
             print(
-                f"    kvm_run is mapped: exit_reason={vcpu.run.exit_reason}, "
-                f"immediate_exit={vcpu.run.immediate_exit}"
+                f"    kvm_run is mapped: exit_reason={vcpu.kvm_run.exit_reason}, "
+                f"immediate_exit={vcpu.kvm_run.immediate_exit}"
             )
         # the memory stays pinned until every descriptor of the VM is closed
     mem.close()
