@@ -332,8 +332,7 @@ fn direct_page_fault(env: &mut MmuEnv<'_>, ctx: &mut KvmMmu, f: &PageFault) -> R
         Err(PfRet::Retry) => return Ok(super::notifier::break_cow(env, gfn)),
         Err(r) => return Ok(r),
     };
-    // is_page_fault_stale: only a fault with a memslot waits (MMIO is emulated).
-    if host.pfn.is_some() && env.mmu.invalidation_blocks(gfn) {
+    if env.mmu.invalidation_blocks(&host, gfn) {
         return Ok(PfRet::Retry);
     }
     env.mmu.make_mmu_pages_available()?;

@@ -36,10 +36,13 @@ pub fn hva_to_gfns(slots: &MemSlots, hva: u64, len: u64) -> Vec<(u64, u64)> {
 }
 
 impl Mmu {
-    /// mmu_invalidate_retry_gfn: a fault for `gfn` must not install an SPTE now.
+    /// is_page_fault_stale's mmu_invalidate_retry_gfn: a fault for `gfn` that found
+    /// `host` must not install an SPTE now. Only a fault with a memslot waits (MMIO
+    /// is emulated).
     #[inline]
-    pub fn invalidation_blocks(&self, gfn: u64) -> bool {
-        self.invalidate_in_progress > 0
+    pub fn invalidation_blocks(&self, host: &super::fault::HostPage, gfn: u64) -> bool {
+        host.pfn.is_some()
+            && self.invalidate_in_progress > 0
             && gfn >= self.invalidate_range.0
             && gfn < self.invalidate_range.1
     }

@@ -168,14 +168,13 @@ pub fn page_fault(env: &mut MmuEnv<'_>, ctx: &mut KvmMmu, f: &PageFault) -> Resu
             gw.pte_access &= !ACC_EXEC;
         }
     }
-    // is_page_fault_stale: an obsolete root, or an invalidation covering the gfn of
-    // a fault with a memslot (MMIO is emulated).
+    // is_page_fault_stale: an obsolete root, or an invalidation covering the gfn.
     if let RootHpa::Page(sp) = ctx.root.hpa {
         if env.mmu.is_obsolete(sp) {
             return Ok(PfRet::Retry);
         }
     }
-    if host.pfn.is_some() && env.mmu.invalidation_blocks(gw.gfn) {
+    if env.mmu.invalidation_blocks(&host, gw.gfn) {
         return Ok(PfRet::Retry);
     }
     env.mmu.make_mmu_pages_available()?;
