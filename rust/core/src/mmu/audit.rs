@@ -144,11 +144,7 @@ fn check_leaf(
     // Invariant 30: nothing maps a gfn whose host page is being invalidated (the
     // ranges themselves; their hull only blocks faults).
     let pages0 = kvm_pages_per_hpage(level);
-    if mmu
-        .invalidate_ranges
-        .iter()
-        .any(|&(a, b)| gfn < b && a < gfn + pages0)
-    {
+    if mmu.invalidation_overlaps(gfn, gfn + pages0) {
         return Err(format!(
             "leaf over gfn {gfn:#x} during an invalidation of it"
         ));
