@@ -93,13 +93,7 @@ pub fn long_guest_on(
     user_pages: &[u64],
     code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
 ) -> TestGuest {
-    let root = g.cr3();
-    for page in (0..0x20_0000u64).step_by(4096) {
-        let u = if user_pages.contains(&page) { U } else { 0 };
-        g.map(root, page, page, 1, P | W | u);
-    }
-    g.map(root, MMIO, MMIO, 1, P | W | U);
-    // GDT.
+    identity_map(&mut g, user_pages);
     let gdt: [u64; 7] = [
         0,
         0x0020_9a00_0000_0000,
@@ -109,9 +103,7 @@ pub fn long_guest_on(
         tss_desc_lo(TSS, 0x67),
         0,
     ];
-    for (i, d) in gdt.iter().enumerate() {
-        g.write_u64(GDT + 8 * i as u64, *d);
-    }
+    write_gdt(&g, &gdt);
     // TSS: RSP0 and IST1.
     g.write_u64(TSS + 4, STACK0);
     g.write_u64(TSS + 0x24, STACK0 - 0x800);
@@ -159,19 +151,49 @@ pub fn long_guest_on(
             ..seg(0x28, 11, 0, false, 0)
         };
         s.tr.db = 0;
-        let (csel, dsel) = if cpl == 3 { (0x1b, 0x23) } else { (0x08, 0x10) };
-        s.cs = seg(csel, 11, cpl, true, 1);
-        let d = seg(dsel, 3, cpl, false, 1);
-        (s.ds, s.es, s.ss, s.fs, s.gs) = (d, d, d, d, d);
+        flat_segments(s, cpl, true);
     }
-    let bytes = TestGuest::assemble(64, CODE, code);
-    g.write_bytes(CODE, &bytes);
-    let mut r = g.vcpu.get_regs();
-    r.rip = CODE;
-    r.rsp = if cpl == 3 { STACK3 } else { STACK0 };
-    r.rflags = 2;
-    g.vcpu.set_regs(&r).unwrap();
+    load_code(&g, 64, if cpl == 3 { STACK3 } else { STACK0 }, code);
     g
+}
+
+/// Maps 0..2 MiB identity, supervisor-writable except `user_pages` (user too),
+/// and the MMIO page user-writable.
+fn identity_map(g: &mut TestGuest, user_pages: &[u64]) {
+    let root = g.cr3();
+    for page in (0..0x20_0000u64).step_by(4096) {
+        let u = if user_pages.contains(&page) { U } else { 0 };
+        g.map(root, page, page, 1, P | W | u);
+    }
+    g.map(root, MMIO, MMIO, 1, P | W | U);
+}
+
+fn write_gdt(g: &TestGuest, gdt: &[u64]) {
+    for (i, d) in gdt.iter().enumerate() {
+        g.write_u64(GDT + 8 * i as u64, *d);
+    }
+}
+
+/// CS and the data segments from the GDT layout both guests share: CPL0 code 0x08 /
+/// data 0x10, CPL3 code 0x1b / data 0x23.
+fn flat_segments(s: &mut kvmmmu_core::uapi::kvm_sregs, cpl: u8, long: bool) {
+    let (csel, dsel) = if cpl == 3 { (0x1b, 0x23) } else { (0x08, 0x10) };
+    s.cs = seg(csel, 11, cpl, long, 1);
+    let d = seg(dsel, 3, cpl, false, 1);
+    (s.ds, s.es, s.ss, s.fs, s.gs) = (d, d, d, d, d);
+}
+
+/// Assembles `code` for `bits` at CODE and starts there with RSP = `stack`, RFLAGS = 2.
+fn load_code(
+    g: &TestGuest,
+    bits: u32,
+    stack: u64,
+    code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) {
+    g.write_bytes(CODE, &TestGuest::assemble(bits, CODE, code));
+    let mut r = g.vcpu.get_regs();
+    (r.rip, r.rsp, r.rflags) = (CODE, stack, 2);
+    g.vcpu.set_regs(&r).unwrap();
 }
 
 fn tss_desc_lo(base: u64, limit: u64) -> u64 {
@@ -195,12 +217,7 @@ pub fn pm32_guest(
 ) -> TestGuest {
     let mut g = TestGuest::new(mode, 4 << 20).unwrap();
     if mode != PagingMode::None {
-        let root = g.cr3();
-        for page in (0..0x20_0000u64).step_by(4096) {
-            let u = if user_pages.contains(&page) { U } else { 0 };
-            g.map(root, page, page, 1, P | W | u);
-        }
-        g.map(root, MMIO, MMIO, 1, P | W | U);
+        identity_map(&mut g, user_pages);
         g.reload_pdptrs();
     }
     let gdt: [u64; 6] = [
@@ -211,9 +228,7 @@ pub fn pm32_guest(
         0x00cf_f200_0000_ffff,
         tss_desc_lo(TSS, 0x67),
     ];
-    for (i, d) in gdt.iter().enumerate() {
-        g.write_u64(GDT + 8 * i as u64, *d);
-    }
+    write_gdt(&g, &gdt);
     g.write_bytes(TSS + 4, &(STACK0 as u32).to_le_bytes());
     g.write_bytes(TSS + 8, &0x10u32.to_le_bytes());
     let mut addr = STUBS;
@@ -252,18 +267,9 @@ pub fn pm32_guest(
         s.tr.base = TSS;
         s.tr.limit = 0x67;
         s.tr.g = 0;
-        let (csel, dsel) = if cpl == 3 { (0x1b, 0x23) } else { (0x08, 0x10) };
-        s.cs = seg(csel, 11, cpl, false, 1);
-        let d = seg(dsel, 3, cpl, false, 1);
-        (s.ds, s.es, s.ss, s.fs, s.gs) = (d, d, d, d, d);
+        flat_segments(s, cpl, false);
     }
-    let bytes = TestGuest::assemble(32, CODE, code);
-    g.write_bytes(CODE, &bytes);
-    let mut r = g.vcpu.get_regs();
-    r.rip = CODE;
-    r.rsp = if cpl == 3 { STACK3 } else { STACK0 };
-    r.rflags = 2;
-    g.vcpu.set_regs(&r).unwrap();
+    load_code(&g, 32, if cpl == 3 { STACK3 } else { STACK0 }, code);
     g
 }
 
@@ -283,12 +289,6 @@ pub fn real_guest(code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>
         s.idt.base = 0;
         s.idt.limit = 0x3ff;
     }
-    let bytes = TestGuest::assemble(16, CODE, code);
-    g.write_bytes(CODE, &bytes);
-    let mut r = g.vcpu.get_regs();
-    r.rip = CODE;
-    r.rsp = STACK0;
-    r.rflags = 2;
-    g.vcpu.set_regs(&r).unwrap();
+    load_code(&g, 16, STACK0, code);
     g
 }
