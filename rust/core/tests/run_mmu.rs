@@ -176,11 +176,7 @@ fn kick_ends_an_infinite_loop() {
         a.jmp(top)?;
         Ok(())
     });
-    let v = Arc::clone(&g.vcpu);
-    let t = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        v.kick();
-    });
+    let t = kick_after(&g.vcpu, 50);
     let (r, reason) = g.run();
     t.join().unwrap();
     assert_eq!(r, Err(kvmmmu_core::errno::Errno::EINTR));
@@ -188,8 +184,7 @@ fn kick_ends_an_infinite_loop() {
     assert_eq!(g.vcpu.stats.get(VcpuStat::SignalExits as usize), 1);
     // immediate_exit written by another thread while running works the same way.
     let v = Arc::clone(&g.vcpu);
-    let t = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    let t = after(50, move || {
         let _ = v
             .run_area()
             .write(kvmmmu_core::uapi::run_off::IMMEDIATE_EXIT, &[1]);
@@ -333,10 +328,7 @@ fn fault_during_host_invalidation_waits_for_its_end() {
     let hva = g.host.addr() + 0x10_0000;
     g.vm.host_invalidate_start(hva, 4096);
     let vm = Arc::clone(&g.vm);
-    let t = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        vm.host_invalidate_end().unwrap();
-    });
+    let t = after(50, move || vm.host_invalidate_end().unwrap());
     assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
     t.join().unwrap();
     // Kicked while waiting: EINTR, and the instruction has not run.
@@ -344,11 +336,7 @@ fn fault_during_host_invalidation_waits_for_its_end() {
     let mut r = g.vcpu.get_regs();
     r.rip = CODE;
     g.vcpu.set_regs(&r).unwrap();
-    let v = Arc::clone(&g.vcpu);
-    let t = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        v.kick();
-    });
+    let t = kick_after(&g.vcpu, 50);
     let (r, reason) = g.run();
     t.join().unwrap();
     assert_eq!(
@@ -374,11 +362,7 @@ fn hlt_with_an_in_kernel_irqchip_blocks_until_an_event() {
     });
     // (KVM_CREATE_IRQCHIP must precede the vCPU, which the test kit made already.)
     g.vm.state().irqchip = true;
-    let v = Arc::clone(&g.vcpu);
-    let t = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        v.kick();
-    });
+    let t = kick_after(&g.vcpu, 50);
     let (r, reason) = g.run();
     t.join().unwrap();
     assert_eq!(
@@ -392,11 +376,7 @@ fn hlt_with_an_in_kernel_irqchip_blocks_until_an_event() {
     );
     assert_eq!(g.vcpu.stats.get(VcpuStat::HaltExits as usize), 1);
     g.vcpu.state().events.nmi_pending = 1;
-    let v = Arc::clone(&g.vcpu);
-    let t = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        v.kick();
-    });
+    let t = kick_after(&g.vcpu, 100);
     let (r, _) = g.run();
     t.join().unwrap();
     assert_eq!(r, Err(kvmmmu_core::errno::Errno::EINTR));

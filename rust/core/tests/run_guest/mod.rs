@@ -292,3 +292,21 @@ pub fn real_guest(code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>
     load_code(&g, 16, STACK0, code);
     g
 }
+
+/// Runs `f` on another thread after `ms` milliseconds: an event that must arrive
+/// while KVM_RUN is inside the guest.
+pub fn after(ms: u64, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        f()
+    })
+}
+
+/// Kicks `vcpu` from another thread after `ms` milliseconds.
+pub fn kick_after(
+    vcpu: &std::sync::Arc<kvmmmu_core::vcpu::Vcpu>,
+    ms: u64,
+) -> std::thread::JoinHandle<()> {
+    let v = std::sync::Arc::clone(vcpu);
+    after(ms, move || v.kick())
+}
