@@ -489,18 +489,25 @@ fn programs_match_the_device() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-#[test]
-fn bit_counts_and_cmpxchg16b() {
-    // What the device cannot run (its emulator has no POPCNT/LZCNT/TZCNT/CMPXCHG16B).
+/// Runs the 64-bit program `name` from the start state to its HLT; returns the guest
+/// and the registers it started with.
+fn run_program(name: &str) -> (TestGuest, kvmmmu_core::uapi::kvm_regs) {
     let g = long_guest(0, &[], |a| a.nop());
     let (_, p) = programs()
         .into_iter()
-        .find(|p| p.0 == "bit_counts")
+        .find(|p| p.0 == name)
         .expect("program");
     g.write_bytes(CODE, &assemble(p, 64));
     start(&g);
     let r0 = g.vcpu.get_regs();
-    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT), "{name}");
+    (g, r0)
+}
+
+#[test]
+fn bit_counts_and_cmpxchg16b() {
+    // What the device cannot run (its emulator has no POPCNT/LZCNT/TZCNT/CMPXCHG16B).
+    let (g, r0) = run_program("bit_counts");
     let r = g.vcpu.get_regs();
     assert_eq!(r.r8, u64::from(r0.rax.count_ones()));
     assert_eq!(
@@ -512,15 +519,7 @@ fn bit_counts_and_cmpxchg16b() {
     // TZCNT of zero: CF set, ZF clear.
     assert_eq!(r.r12 & 0x41, 0x01);
 
-    let g = long_guest(0, &[], |a| a.nop());
-    let (_, p) = programs()
-        .into_iter()
-        .find(|p| p.0 == "cmpxchg16b")
-        .expect("program");
-    g.write_bytes(CODE, &assemble(p, 64));
-    start(&g);
-    let r0 = g.vcpu.get_regs();
-    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let (g, r0) = run_program("cmpxchg16b");
     let r = g.vcpu.get_regs();
     assert_eq!(r.r8 & 0xff, 1, "equal: ZF");
     assert_eq!(g.read_u64(0x9000), r0.rbx);
