@@ -71,17 +71,15 @@ impl SimKvm {
         request: u64,
         arg: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<i64> {
-        let Some(arg) = arg else {
-            return py
-                .detach(|| self.inner.ioctl(fd, request, 0, &mut ProcessVm))
-                .py_err();
-        };
         // An int is tested for first: a failed extract builds an exception, which
         // costs more than the rest of a short ioctl.
-        if arg.is_instance_of::<PyInt>() {
-            let v = match arg.extract::<i64>() {
-                Ok(v) => v as u64,
-                Err(_) => arg.extract::<u64>()?,
+        let Some(arg) = arg.filter(|a| !a.is_instance_of::<PyInt>()) else {
+            let v = match arg {
+                None => 0,
+                Some(a) => match a.extract::<i64>() {
+                    Ok(v) => v as u64,
+                    Err(_) => a.extract::<u64>()?,
+                },
             };
             let r = py.detach(|| self.inner.ioctl(fd, request, v, &mut ProcessVm));
             if request == uapi::KVM_RUN {
@@ -92,7 +90,7 @@ impl SimKvm {
                 }
             }
             return r.py_err();
-        }
+        };
         let buf = PyBuffer::<u8>::get(arg)?;
         if !buf.is_c_contiguous() {
             return Err(PyBufferError::new_err("ioctl buffer must be C-contiguous"));
