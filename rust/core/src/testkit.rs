@@ -302,21 +302,7 @@ impl TestGuest {
         let long = self.mode.is_long();
         let mut st = self.vcpu.state();
         let (cs_sel, ds_sel) = if cpl == 3 { (0x1b, 0x23) } else { (0x08, 0x10) };
-        let data = crate::uapi::kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector: ds_sel,
-            type_: 3,
-            present: 1,
-            dpl: cpl,
-            db: 1,
-            s: 1,
-            l: 0,
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
+        let data = crate::vcpu::emulate::flat_segment(ds_sel, 3, cpl);
         let s = &mut st.sregs;
         s.cs = crate::uapi::kvm_segment {
             selector: cs_sel,

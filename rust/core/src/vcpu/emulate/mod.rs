@@ -35,7 +35,7 @@ use super::{Vcpu, VcpuState};
 
 pub use alu::flags;
 pub use decode::DecodeCache;
-pub use segment::SegReg;
+pub use segment::{flat_segment, SegReg};
 pub use step::RunStop;
 pub use system::{SHADOW_MOV_SS, SHADOW_STI};
 

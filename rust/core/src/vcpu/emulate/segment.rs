@@ -358,3 +358,23 @@ pub fn implicit_kind(write: bool) -> AccessKind {
         implicit: true,
     }
 }
+
+/// A flat 4 GiB code or data segment (what SYSCALL/SYSRET load; the test kit's
+/// flat layout).
+pub fn flat_segment(selector: u16, type_: u8, dpl: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}

@@ -6,7 +6,7 @@
 use iced_x86::{Instruction, Mnemonic, Register};
 
 use super::alu::flags::*;
-use super::segment::{implicit_kind, SegReg};
+use super::segment::{flat_segment, implicit_kind, SegReg};
 use super::{exc_ec, gp0, ud, vector, Cpu, Exit, Stop, R};
 use crate::stats::VcpuStat;
 use crate::uapi::kvm_segment;
@@ -506,24 +506,5 @@ impl Cpu<'_> {
     /// An instruction iced decodes but the model does not execute.
     pub fn not_modelled(&self) -> Stop {
         self.emulation_failure()
-    }
-}
-
-/// The flat 4 GiB segment SYSCALL/SYSRET load.
-fn flat_segment(selector: u16, type_: u8, dpl: u8) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
     }
 }
