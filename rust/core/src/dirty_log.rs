@@ -182,25 +182,6 @@ impl DirtyBitmap {
         ch.words[(w as usize) % CHUNK_WORDS].fetch_and(!mask, Ordering::AcqRel) & mask
     }
 
-    /// Copy words `[first, first + out.len())` into `out` (zeros where nothing is set).
-    pub fn copy_words(&self, first: u64, out: &mut [u64]) {
-        out.fill(0);
-        let end = first + out.len() as u64;
-        let mut w = first;
-        while w < end {
-            let c = (w as usize) / CHUNK_WORDS;
-            let chunk_end = ((c + 1) * CHUNK_WORDS) as u64;
-            let stop = chunk_end.min(end);
-            if let Some(ch) = self.chunks.get(c).and_then(OnceLock::get) {
-                for i in w..stop {
-                    out[(i - first) as usize] =
-                        ch.words[(i as usize) % CHUNK_WORDS].load(Ordering::Acquire);
-                }
-            }
-            w = stop;
-        }
-    }
-
     /// Model bytes held now.
     pub fn memory_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
@@ -670,9 +651,6 @@ mod tests {
                 ((1 << 22) - 1, 1 << 63)
             ]
         );
-        let mut out = [0u64; 3];
-        b.copy_words(0, &mut out);
-        assert_eq!(out, [1 | 1 << 63, 1, 0]);
         let mut taken = vec![];
         b.take_words(|w, v| taken.push((w, v)));
         assert_eq!(taken, seen);
