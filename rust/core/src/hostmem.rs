@@ -13,6 +13,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use nix::libc;
 use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
 
 use crate::errno::{Errno, Result};
@@ -355,6 +356,49 @@ impl HostRegion {
         let end = off.checked_add(len)?;
         (end <= region.size() as u64).then_some((region, off as usize))
     }
+}
+
+/// uaccess's clear_user: readv(/dev/zero) over `iov` until every byte is written.
+/// A fault (or no progress) is EFAULT; a signal's short count or EINTR resumes
+/// where it stopped.
+pub fn zero_fill(zero: &std::fs::File, iov: &mut [libc::iovec]) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut first = 0;
+    while first < iov.len() {
+        let rest = &mut iov[first..];
+        // SAFETY: readv writes only through the iovecs, each of which names a range
+        // of this process's user address space below TASK_SIZE_MAX (checked by the
+        // caller) that the ioctl's caller handed over as user memory, exactly as
+        // process_vm_writev would write it; the kernel validates every page and
+        // returns EFAULT (or a short count) for an unmapped or read-only one. No Rust
+        // reference to that memory is created here.
+        let r = unsafe { libc::readv(zero.as_raw_fd(), rest.as_ptr(), rest.len() as i32) };
+        if r < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(Errno::EFAULT);
+        }
+        if r == 0 {
+            return Err(Errno::EFAULT);
+        }
+        let mut left = r as usize;
+        while left > 0 {
+            let v = &mut iov[first];
+            if left >= v.iov_len {
+                left -= v.iov_len;
+                first += 1;
+            } else {
+                v.iov_base = (v.iov_base as usize + left) as *mut libc::c_void;
+                v.iov_len -= left;
+                left = 0;
+            }
+        }
+        while first < iov.len() && iov[first].iov_len == 0 {
+            first += 1;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for HostRegion {

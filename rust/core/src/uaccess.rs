@@ -8,6 +8,7 @@
 //! out in one process_vm_writev per batch. Memory the core itself owns (a
 //! registered HostRegion: GuestMemory) is copied directly: the registry's `Arc`
 //! keeps it mapped for the copy and it is mapped read/write for its whole life.
+//! The readv of /dev/zero is the one raw system call; it lives in hostmem.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Arc, OnceLock};
@@ -19,7 +20,7 @@ use nix::unistd::Pid;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::errno::{Errno, Result};
-use crate::hostmem::HostRegion;
+use crate::hostmem::{zero_fill, HostRegion};
 
 /// User memory as seen by an ioctl handler.
 pub trait UserAccess {
@@ -93,48 +94,6 @@ fn dev_zero() -> Option<&'static std::fs::File> {
     static ZERO: OnceLock<Option<std::fs::File>> = OnceLock::new();
     ZERO.get_or_init(|| std::fs::File::open("/dev/zero").ok())
         .as_ref()
-}
-
-/// readv(/dev/zero) over `iov` until every byte is written: a fault (or no
-/// progress) is EFAULT; a signal's short count or EINTR resumes where it stopped.
-fn zero_fill(zero: &std::fs::File, iov: &mut [libc::iovec]) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut first = 0;
-    while first < iov.len() {
-        let rest = &mut iov[first..];
-        // SAFETY: readv writes only through the iovecs, each of which names a range
-        // of this process's user address space below TASK_SIZE_MAX (checked by the
-        // caller) that the ioctl's caller handed over as user memory, exactly as
-        // process_vm_writev would write it; the kernel validates every page and
-        // returns EFAULT (or a short count) for an unmapped or read-only one. No Rust
-        // reference to that memory is created here.
-        let r = unsafe { libc::readv(zero.as_raw_fd(), rest.as_ptr(), rest.len() as i32) };
-        if r < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(Errno::EFAULT);
-        }
-        if r == 0 {
-            return Err(Errno::EFAULT);
-        }
-        let mut left = r as usize;
-        while left > 0 {
-            let v = &mut iov[first];
-            if left >= v.iov_len {
-                left -= v.iov_len;
-                first += 1;
-            } else {
-                v.iov_base = (v.iov_base as usize + left) as *mut libc::c_void;
-                v.iov_len -= left;
-                left = 0;
-            }
-        }
-        while first < iov.len() && iov[first].iov_len == 0 {
-            first += 1;
-        }
-    }
-    Ok(())
 }
 
 /// The core-owned region holding `[addr, addr + len)`, reusing `cache` when it does.
