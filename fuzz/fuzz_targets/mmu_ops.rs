@@ -782,23 +782,9 @@ impl Fuzz {
             },
             verbose: std::env::var_os("MMU_FUZZ_VERBOSE").is_some(),
             dump: std::env::var_os("MMU_FUZZ_DUMP").is_some(),
-            seek: std::env::var("MMU_FUZZ_SEEK")
-                .map(|v| {
-                    v.split(',')
-                        .filter(|k| !k.is_empty())
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default(),
+            seek: env_list("MMU_FUZZ_SEEK", ','),
             events: HashSet::new(),
-            known: std::env::var("MMU_FUZZ_KNOWN")
-                .map(|v| {
-                    v.split('|')
-                        .filter(|k| !k.is_empty())
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default(),
+            known: env_list("MMU_FUZZ_KNOWN", '|'),
             checked: [0; 3],
         };
         for m in input.maps.iter().take(MAX_MAPS) {
@@ -2611,3 +2597,15 @@ fuzz_target!(|input: Input| {
         );
     }
 });
+
+/// The non-empty `sep`-separated items of the environment variable `var`.
+fn env_list(var: &str, sep: char) -> Vec<String> {
+    std::env::var(var)
+        .map(|v| {
+            v.split(sep)
+                .filter(|k| !k.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
