@@ -280,8 +280,6 @@ impl CopyOut<'_> {
 const BULK_MARKED: u32 = 128;
 /// Words per block of a direct copy-out (64 KiB: 16 chunks).
 const DIRECT_BLOCK_WORDS: usize = 16 * CHUNK_WORDS;
-/// Zeros to clear a block of core-owned memory with (an untouched .bss page).
-static ZERO_BLOCK: [u8; 8 * DIRECT_BLOCK_WORDS] = [0; 8 * DIRECT_BLOCK_WORDS];
 
 /// The copy-out into core-owned memory (the user's bitmap in a GuestMemory): block
 /// by block, zero the block, then `fill(first word, the block's words)` stores the
@@ -296,7 +294,7 @@ fn copy_out_direct(
     while first < nwords {
         let n = ((nwords - first) as usize).min(DIRECT_BLOCK_WORDS);
         let at = off + 8 * first as usize;
-        region.write(at, &ZERO_BLOCK[..8 * n])?;
+        crate::uaccess::clear_region(region, at, 8 * n)?;
         fill(first, region.atomic_u64s(at, n)?);
         first += n as u64;
     }

@@ -29,16 +29,7 @@ pub trait UserAccess {
 
     /// Zero every `(addr, len)` range (clear_user), in order.
     fn clear_user(&mut self, ranges: &[(u64, usize)]) -> Result<()> {
-        const ZEROS: [u8; 4096] = [0; 4096];
-        for &(addr, len) in ranges {
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(ZEROS.len());
-                self.copy_to_user(addr + done as u64, &ZEROS[..n])?;
-                done += n;
-            }
-        }
-        Ok(())
+        clear_by_copy(self, ranges)
     }
 
     /// The core-owned memory (a registered HostRegion) that holds all of
@@ -117,10 +108,24 @@ fn owned_region(
     Some((r, off))
 }
 
-/// Zeros for clearing core-owned memory.
+/// Zeros to clear memory with.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
-fn clear_region(r: &HostRegion, off: usize, len: usize) -> Result<()> {
+/// clear_user as copies of zeros.
+fn clear_by_copy<U: UserAccess + ?Sized>(ua: &mut U, ranges: &[(u64, usize)]) -> Result<()> {
+    for &(addr, len) in ranges {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZEROS.len());
+            ua.copy_to_user(addr + done as u64, &ZEROS[..n])?;
+            done += n;
+        }
+    }
+    Ok(())
+}
+
+/// Zero `len` bytes of core-owned memory at `off` in `r`.
+pub(crate) fn clear_region(r: &HostRegion, off: usize, len: usize) -> Result<()> {
     let mut done = 0;
     while done < len {
         let n = (len - done).min(ZEROS.len());
@@ -182,14 +187,7 @@ impl UserAccess for ProcessVm {
         let Some(zero) = dev_zero() else {
             return ranges.iter().try_for_each(|&(addr, len)| {
                 check_range(addr, len)?;
-                let zeros = vec![0u8; len.min(1 << 20)];
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(zeros.len());
-                    self.copy_to_user(addr + done as u64, &zeros[..n])?;
-                    done += n;
-                }
-                Ok(())
+                clear_by_copy(self, &[(addr, len)])
             });
         };
         let mut iov = Vec::with_capacity(ranges.len().min(IOV_MAX));
