@@ -11,7 +11,9 @@
 //! write-protected page table, which then zaps the SPTEs it fed).
 
 use crate::errno::{Errno, Result};
-use crate::mmu::context::{mark_page_dirty, shadow_leaf, KvmMmu, LoggedMem, MmuEnv};
+use crate::mmu::context::{
+    mark_page_dirty, shadow_leaf, KvmMmu, LoggedMem, MmuEnv, KVM_MMU_NUM_PREV_ROOTS,
+};
 use crate::mmu::fault::{kvm_mmu_page_fault, PageFault, PfRet};
 use crate::mmu::shadow::Mmu;
 use crate::paging::{
@@ -400,7 +402,8 @@ impl Vcpu {
         }
         if st.mmu.pdptrs_changed(&cpu) {
             // load_pdptrs (MOV CR0/CR3/CR4 in PAE paging): new values free the root.
-            st.mmu.free_roots(env.mmu, true, [false; 3]);
+            st.mmu
+                .free_roots(env.mmu, true, [false; KVM_MMU_NUM_PREV_ROOTS]);
         }
         st.mmu.refresh(&cpu);
         f(&mut st.mmu, &mut env, &cpu)
