@@ -388,10 +388,45 @@ fn copy_bitmap_out(
     })
 }
 
+impl Chunk {
+    /// The summary now and how many words it marks.
+    fn marks(&self) -> ([u64; CHUNK_WORDS / 64], u32) {
+        let summary: [u64; CHUNK_WORDS / 64] =
+            std::array::from_fn(|i| self.summary[i].load(Ordering::Acquire));
+        let marked = summary.iter().map(|s| s.count_ones()).sum();
+        (summary, marked)
+    }
+
+    /// `put(word index in the chunk, value)` for the words of the copy-out, the
+    /// indices below `len`: every word when many are marked (a bulk copy), the marked
+    /// words alone otherwise (a cold chunk's other cache lines are never read).
+    fn copy_out(
+        &self,
+        (summary, marked): ([u64; CHUNK_WORDS / 64], u32),
+        len: usize,
+        mut put: impl FnMut(usize, u64),
+    ) {
+        if marked > BULK_MARKED {
+            for (w, v) in self.words[..len].iter().enumerate() {
+                put(w, v.load(Ordering::Acquire));
+            }
+            return;
+        }
+        for (k, mut bits) in summary.into_iter().enumerate() {
+            while bits != 0 {
+                let w = k * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if w < len {
+                    put(w, self.words[w].load(Ordering::Acquire));
+                }
+            }
+        }
+    }
+}
+
 /// Write a live bitmap (manual protect's GET) to user memory at `addr`: the chunks
 /// whose summary marks no word are zeroed; the others are staged whole (a chunk is
-/// one 4 KiB tile), by their marked words alone when few are marked (a cold chunk's
-/// other cache lines are never read) and by a bulk copy otherwise.
+/// one 4 KiB tile) by Chunk::copy_out.
 fn copy_live_bitmap_out(
     ua: &mut dyn crate::uaccess::UserAccess,
     addr: u64,
@@ -405,55 +440,24 @@ fn copy_live_bitmap_out(
                 let Some(chunk) = bitmap.chunks.get(c0 + k).and_then(OnceLock::get) else {
                     continue;
                 };
-                let summary: [u64; CHUNK_WORDS / 64] =
-                    std::array::from_fn(|i| chunk.summary[i].load(Ordering::Acquire));
-                let marked: u32 = summary.iter().map(|s| s.count_ones()).sum();
-                if marked > BULK_MARKED {
-                    for (d, w) in d.iter().zip(chunk.words.iter()) {
-                        d.store(w.load(Ordering::Acquire), Ordering::Relaxed);
-                    }
-                    continue;
-                }
-                for (j, mut bits) in summary.into_iter().enumerate() {
-                    while bits != 0 {
-                        let w = j * 64 + bits.trailing_zeros() as usize;
-                        bits &= bits - 1;
-                        if let Some(d) = d.get(w) {
-                            d.store(chunk.words[w].load(Ordering::Acquire), Ordering::Relaxed);
-                        }
-                    }
-                }
+                chunk.copy_out(chunk.marks(), d.len(), |w, v| {
+                    d[w].store(v, Ordering::Relaxed);
+                });
             }
         });
     }
     with_copy_out(ua, addr, nwords, |out| {
         for (c, slot) in bitmap.chunks.iter().enumerate() {
             let Some(chunk) = slot.get() else { continue };
-            let summary: [u64; CHUNK_WORDS / 64] =
-                std::array::from_fn(|i| chunk.summary[i].load(Ordering::Acquire));
-            let marked: u32 = summary.iter().map(|s| s.count_ones()).sum();
-            if marked == 0 {
+            let marks = chunk.marks();
+            if marks.1 == 0 {
                 continue;
             }
             let start = (c * CHUNK_WORDS) as u64;
             let end = (start + CHUNK_WORDS as u64).min(nwords);
             let i = out.stage(start, end)?;
-            let dst = &mut out.stage[i..];
-            if marked > BULK_MARKED {
-                for (d, w) in dst.iter_mut().zip(chunk.words.iter()) {
-                    *d = w.load(Ordering::Acquire);
-                }
-                continue;
-            }
-            for (k, mut bits) in summary.into_iter().enumerate() {
-                while bits != 0 {
-                    let w = k * 64 + bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    if let Some(d) = dst.get_mut(w) {
-                        *d = chunk.words[w].load(Ordering::Acquire);
-                    }
-                }
-            }
+            let dst = &mut out.stage[i..i + (end - start) as usize];
+            chunk.copy_out(marks, dst.len(), |w, v| dst[w] = v);
         }
         Ok(())
     })
@@ -769,6 +773,10 @@ mod tests {
                 x ^= x >> 7;
                 x ^= x << 17;
                 b.set(x % npages);
+            }
+            // A dense first chunk: more than BULK_MARKED words, copied whole.
+            for p in (0..npages.min(CHUNK_PAGES)).step_by(7) {
+                b.set(p);
             }
             // A chunk whose summary marks a word that is zero again.
             b.clear_word(0, u64::MAX);
