@@ -35,9 +35,9 @@
 //! every return:
 //! - immediate_exit gives EINTR with exit_reason untouched, a kick EINTR with
 //!   KVM_EXIT_INTR (unless an MMIO or IO exit is completed first);
-//! - KVM_RUN returned 0 or EINTR (no other errno: all host memory exists), or
-//!   EAGAIN while a host invalidation runs or CR3 is outside every memslot (a known
-//!   difference: KVM would retry the fault until a signal);
+//! - KVM_RUN returned 0 or EINTR (no other errno: all host memory exists; a fault
+//!   KVM retries, under a host invalidation or with CR3 outside every memslot,
+//!   runs until the budget ends the run with EINTR, as a signal would on KVM);
 //! - the exit fields are consistent: a known exit reason; MMIO: len 1..=8, within
 //!   one page, the page has no slot (or is read-only and the access a write); IO:
 //!   direction 0/1, size 1/2/4, count >= 1, data_offset the PIO page and the data
@@ -319,7 +319,7 @@ struct Fuzz {
     /// is set again before each run).
     budget: u64,
     verbose: bool,
-    stats: [u64; 4],
+    stats: [u64; 3],
 }
 
 /// Distinct odd words for the data pages, computed once (loops are slow under
@@ -490,7 +490,7 @@ impl Fuzz {
             comparable: true,
             budget: 0,
             verbose: std::env::var_os("RUN_FUZZ_VERBOSE").is_some(),
-            stats: [0; 4],
+            stats: [0; 3],
         };
         // Data: distinct words; the HLT sled; the code.
         let data = data_pattern();
@@ -1102,12 +1102,6 @@ impl Fuzz {
         }
     }
 
-    /// Whether paging is on with CR3 outside every memslot (KVM's dummy root).
-    fn dummy_root(&self) -> bool {
-        let s = self.vcpu.get_sregs();
-        s.cr0 & CR0_PG != 0 && slot_of(s.cr3 & 0x000f_ffff_ffff_f000).is_none()
-    }
-
     /// Userspace's side of a read exit: the data from the input.
     fn answer(&self, reason: u32, u: &mut Unstructured) {
         let o = run_off::EXIT_UNION;
@@ -1185,14 +1179,6 @@ impl Fuzz {
                 Ok(0) => {}
                 // immediate_exit, a kick, or the budget used up: run on.
                 Err(Errno::EINTR) => continue,
-                // Known difference: where KVM retries a fault forever (a page under a
-                // running host invalidation, or KVM's dummy root for a CR3 outside
-                // every memslot) and KVM_RUN returns only on a signal, the simulator
-                // gives up after 32 faults and returns EAGAIN.
-                Err(Errno::EAGAIN) if self.inval_depth > 0 || self.dummy_root() => {
-                    self.stats[3] += 1;
-                    continue;
-                }
                 other => self.fail(format!("KVM_RUN returned {other:?} (exit {reason})")),
             }
             self.check_exit(reason);
@@ -1240,7 +1226,7 @@ fn execute(s: &Setup, code: &[u8], tail: &[u8]) -> Option<Fuzz> {
     f.check_memory();
     f.run(&mut u);
     f.log(format_args!(
-        "stats [harvests, reported, runs, EAGAIN] {:?}",
+        "stats [harvests, reported, runs] {:?}",
         f.stats
     ));
     Some(f)
