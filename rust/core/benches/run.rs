@@ -14,6 +14,7 @@ use criterion::{Criterion, Throughput};
 use iced_x86::code_asm::*;
 use kvmmmu_core::paging::PagingMode;
 use kvmmmu_core::testkit::TestGuest;
+use kvmmmu_core::vcpu::run::{KVM_EXIT_HLT, KVM_EXIT_IO, KVM_EXIT_MMIO};
 
 const P: u64 = 1;
 const W: u64 = 2;
@@ -66,7 +67,7 @@ fn compute(c: &mut Criterion) {
                 let t = Instant::now();
                 let (r, reason) = g.run();
                 total += t.elapsed();
-                assert_eq!((r.unwrap(), reason), (0, 5));
+                assert_eq!((r.unwrap(), reason), (0, KVM_EXIT_HLT));
             }
             total
         })
@@ -98,7 +99,7 @@ fn compute(c: &mut Criterion) {
                 let t = Instant::now();
                 let (r, reason) = g.run();
                 total += t.elapsed();
-                assert_eq!((r.unwrap(), reason), (0, 6));
+                assert_eq!((r.unwrap(), reason), (0, KVM_EXIT_MMIO));
             }
             total
         })
@@ -114,7 +115,7 @@ fn compute(c: &mut Criterion) {
     grp.bench_function("out_exit", |b| {
         b.iter(|| {
             let (r, reason) = g.run();
-            assert_eq!((r.unwrap(), reason), (0, 2));
+            assert_eq!((r.unwrap(), reason), (0, KVM_EXIT_IO));
         })
     });
     grp.finish();
