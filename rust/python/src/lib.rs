@@ -101,7 +101,7 @@ impl SimKvm {
         // is copied back. Up to 1024 bytes the copy lives on the stack.
         let len = buf.len_bytes();
         let mut small = [0u8; IOCTL_ARG_COPY];
-        let mut large = Vec::new();
+        let mut large;
         let data: &mut [u8] = if len <= IOCTL_ARG_COPY {
             buf.copy_to_slice(py, &mut small[..len])?;
             &mut small
@@ -111,16 +111,14 @@ impl SimKvm {
         };
         let base = buf.buf_ptr() as u64;
         let r = py.detach(|| {
-            let mut ua = UserBuf { base, data };
+            let mut ua = UserBuf {
+                base,
+                data: &mut *data,
+            };
             self.inner.ioctl(fd, request, base, &mut ua)
         });
         if !buf.readonly() {
-            let out = if len <= IOCTL_ARG_COPY {
-                &small[..len]
-            } else {
-                &large[..len]
-            };
-            buf.copy_from_slice(py, out)?;
+            buf.copy_from_slice(py, &data[..len])?;
         }
         r.py_err()
     }
