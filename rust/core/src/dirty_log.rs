@@ -114,36 +114,23 @@ impl DirtyBitmap {
         }
     }
 
-    /// Visit the non-zero words, in order, as (word index, value).
+    /// Visit the non-zero words, in order, as (word index, value): only the words
+    /// the chunks' summaries mark are read.
     pub fn for_each_word(&self, mut f: impl FnMut(u64, u64)) {
-        for (w, v) in self.words() {
-            f(w, v);
+        for (c, slot) in self.chunks.iter().enumerate() {
+            let Some(chunk) = slot.get() else { continue };
+            for (s, sw) in chunk.summary.iter().enumerate() {
+                let mut bits = sw.load(Ordering::Acquire);
+                while bits != 0 {
+                    let w = s * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let v = chunk.words[w].load(Ordering::Acquire);
+                    if v != 0 {
+                        f((c * CHUNK_WORDS + w) as u64, v);
+                    }
+                }
+            }
         }
-    }
-
-    /// The non-zero words now, in order, as (word index, value): only the words the
-    /// chunks' summaries mark are read.
-    pub fn words(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.chunks
-            .iter()
-            .enumerate()
-            .filter_map(|(c, slot)| slot.get().map(|chunk| (c, chunk)))
-            .flat_map(|(c, chunk)| {
-                chunk.summary.iter().enumerate().flat_map(move |(s, sw)| {
-                    let mut bits = sw.load(Ordering::Acquire);
-                    std::iter::from_fn(move || {
-                        while bits != 0 {
-                            let w = s * 64 + bits.trailing_zeros() as usize;
-                            bits &= bits - 1;
-                            let v = chunk.words[w].load(Ordering::Acquire);
-                            if v != 0 {
-                                return Some(((c * CHUNK_WORDS + w) as u64, v));
-                            }
-                        }
-                        None
-                    })
-                })
-            })
     }
 
     /// xchg every non-zero word with 0 (GET_DIRTY_LOG without manual protect),
