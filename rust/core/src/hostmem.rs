@@ -361,7 +361,7 @@ impl HostRegion {
 /// uaccess's clear_user: readv(/dev/zero) over `iov` until every byte is written.
 /// A fault (or no progress) is EFAULT; a signal's short count or EINTR resumes
 /// where it stopped.
-pub fn zero_fill(zero: &std::fs::File, iov: &mut [libc::iovec]) -> Result<()> {
+pub(crate) fn zero_fill(zero: &std::fs::File, iov: &mut [libc::iovec]) -> Result<()> {
     use std::os::fd::AsRawFd;
     let mut first = 0;
     while first < iov.len() {
