@@ -489,9 +489,8 @@ fn programs_match_the_device() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Runs the 64-bit program `name` from the start state to its HLT; returns the guest
-/// and the registers it started with.
-fn run_program(name: &str) -> (TestGuest, kvmmmu_core::uapi::kvm_regs) {
+/// A guest holding the 64-bit program `name`, in the start state.
+fn load_program(name: &str) -> TestGuest {
     let g = long_guest(0, &[], |a| a.nop());
     let (_, p) = programs()
         .into_iter()
@@ -499,6 +498,13 @@ fn run_program(name: &str) -> (TestGuest, kvmmmu_core::uapi::kvm_regs) {
         .expect("program");
     g.write_bytes(CODE, &assemble(p, 64));
     start(&g);
+    g
+}
+
+/// Runs the 64-bit program `name` from the start state to its HLT; returns the guest
+/// and the registers it started with.
+fn run_program(name: &str) -> (TestGuest, kvmmmu_core::uapi::kvm_regs) {
+    let g = load_program(name);
     let r0 = g.vcpu.get_regs();
     assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT), "{name}");
     (g, r0)
@@ -524,4 +530,20 @@ fn bit_counts_and_cmpxchg16b() {
     assert_eq!(r.r8 & 0xff, 1, "equal: ZF");
     assert_eq!(g.read_u64(0x9000), r0.rbx);
     assert_eq!(g.read_u64(0x9008), r0.rcx);
+}
+
+#[test]
+fn enter_nested_builds_the_display() {
+    // The device's emulator cannot nest ENTER (internal error), so the frame is the
+    // SDM's: ENTER 0x10, 2 from RSP 0x8000, RBP 0x8800 pushes RBP, the enclosing
+    // frame pointer read at RBP - 8, the new frame pointer 0x7ff8, then reserves 0x10.
+    let g = load_program("enter_nested");
+    g.write_u64(0x87f8, 0x0bad_f00d_1234_5678);
+    assert_eq!(g.run(), (Ok(0), KVM_EXIT_HLT));
+    let r = g.vcpu.get_regs();
+    assert_eq!((r.r8, r.r9), (0x7ff8, 0x7fd8), "RBP and RSP after ENTER");
+    assert_eq!((r.rbp, r.rsp), (0x8800, 0x8000), "after LEAVE");
+    assert_eq!(g.read_u64(0x7ff8), 0x8800);
+    assert_eq!(g.read_u64(0x7ff0), 0x0bad_f00d_1234_5678);
+    assert_eq!(g.read_u64(0x7fe8), 0x7ff8);
 }
