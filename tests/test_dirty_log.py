@@ -10,7 +10,9 @@ page tables live in slot 0, which is not logged, and the results are exact page 
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 from collections.abc import Iterator
 
 import numpy as np
@@ -750,3 +752,26 @@ def test_huge_pages_split_while_logging_and_recover_after() -> None:
     with raises_errno(errno.ENOENT):
         g.vm.get_dirty_log(1)
     g.close()
+
+
+def test_clear_dirty_log_with_a_bad_bitmap_tail_clears_nothing(kvm: kvmmmu.Kvm) -> None:
+    """KVM copies the whole user bitmap before clearing: a bitmap whose last page is
+    unreadable is EFAULT with the log untouched (here past 256 KiB of bitmap, a slot
+    over 8 GiB)."""
+    npages = (1 << 21) + 64 * 512
+    nbytes = npages // 8
+    s = Slots(kvm, npages)
+    s.vm.enable_manual_dirty_log(initially_set=True)
+    s.add()
+    area = mmap.mmap(-1, nbytes)
+    area.write(b"\xff" * nbytes)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(addr + nbytes - PAGE), PAGE, 0) == 0  # PROT_NONE
+    log = uapi.kvm_clear_dirty_log(slot=1, num_pages=npages, first_page=0, dirty_bitmap=addr)
+    with raises_errno(errno.EFAULT):
+        s.vm.ioctl(uapi.KVM_CLEAR_DIRTY_LOG, log)
+    bits = np.unpackbits(s.vm.get_dirty_log(1).view(np.uint8)).sum()
+    assert int(bits) == npages, "no page was cleared"
+    libc.mprotect(ctypes.c_void_p(addr + nbytes - PAGE), PAGE, 3)
+    s.close()

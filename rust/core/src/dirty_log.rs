@@ -186,8 +186,6 @@ pub const INITIALLY_SET: u64 = 2;
 const TILE_WORDS: u64 = CHUNK_WORDS as u64;
 /// Tiles staged per batch of writes (one process_vm_writev, one readv of /dev/zero).
 const BATCH_TILES: usize = 128;
-/// Words per block when the user's bitmap comes in (CLEAR_DIRTY_LOG).
-const COPY_BLOCK_WORDS: usize = 32 * 1024;
 
 thread_local! {
     /// The copy-out's staging buffer, reused: a fresh one each GET would be mapped
@@ -549,28 +547,25 @@ impl crate::vm::Vm {
         let nwords = num.div_ceil(64);
         let init_set = st.caps.manual_dirty_log & INITIALLY_SET != 0;
         let mut flush = false;
-        // The user's bitmap, in blocks through one buffer (it may span 32 MiB). KVM
-        // copies it whole first; here a bad pointer past the first block (a slot over
-        // 8 GiB) leaves the earlier blocks cleared before EFAULT.
-        let mut buf = vec![0u64; (nwords as usize).min(COPY_BLOCK_WORDS)];
-        let mut done = 0u64;
-        while done < nwords {
+        // The user's bitmap is copied whole before anything is cleared, as KVM copies
+        // it into the slot's second bitmap: a bad pointer anywhere is EFAULT with the
+        // log untouched.
+        let mut buf = vec![0u64; nwords as usize];
+        {
             use zerocopy::IntoBytes;
-            let n = ((nwords - done) as usize).min(buf.len());
-            ua.copy_from_user(log.dirty_bitmap + 8 * done, buf[..n].as_mut_bytes())?;
-            for (k, &mask) in buf[..n].iter().enumerate() {
-                if mask == 0 {
-                    continue;
-                }
-                let w = log.first_page / 64 + done + k as u64;
-                let cleared = bitmap.clear_word(w, mask);
-                if cleared != 0 {
-                    flush = true;
-                    st.mmu
-                        .reprotect_masked(slot.base_gfn + 64 * w, cleared, init_set);
-                }
+            ua.copy_from_user(log.dirty_bitmap, buf.as_mut_bytes())?;
+        }
+        for (k, &mask) in buf.iter().enumerate() {
+            if mask == 0 {
+                continue;
             }
-            done += n as u64;
+            let w = log.first_page / 64 + k as u64;
+            let cleared = bitmap.clear_word(w, mask);
+            if cleared != 0 {
+                flush = true;
+                st.mmu
+                    .reprotect_masked(slot.base_gfn + 64 * w, cleared, init_set);
+            }
         }
         if flush {
             st.mmu.flush_remote_tlbs();
